@@ -63,7 +63,7 @@ pub struct MeterProfile {
 }
 
 /// Where outlet relays live and how they are switched.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayMap {
     /// `coil` (FC01 read, FC05/FC15 write) or `holding` (FC03 read, FC06/FC16 write).
