@@ -119,6 +119,9 @@ impl Sim {
     /// Builds every device of `site`, binds its endpoints and starts serving.
     pub async fn start(site: &Site, options: SimOptions) -> Result<Sim, SimError> {
         let devices = build_devices(site)?;
+        // Meters read true values from the first request on.
+        let mut plant = Plant::new(site);
+        plant.advance(&devices, 0.0);
         let mut site = site.clone();
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -175,7 +178,7 @@ impl Sim {
 
         let devices = Arc::new(devices);
         tasks.spawn(physics(
-            site.clone(),
+            plant,
             devices.clone(),
             options.tick,
             cancel.clone(),
@@ -409,50 +412,51 @@ fn build_devices(site: &Site) -> Result<Vec<Arc<SimDevice>>, SimError> {
     Ok(out)
 }
 
-/// Advances every device's physics each tick and sets the site meter to the sum of the loads.
-async fn physics(
-    site: Site,
-    devices: Arc<Vec<Arc<SimDevice>>>,
-    tick: Duration,
-    cancel: CancellationToken,
-) {
-    let rack_meters: Vec<usize> = site
-        .gpu_racks
-        .iter()
-        .map(|g| site.pdus.len() + g.meter.0 as usize)
-        .collect();
-    let site_meter = site.pdus.len() + site.site_meter.0 as usize;
-    let base_kw = site.sim.base_load_kw;
-    let mut interval = tokio::time::interval(tick);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = Instant::now();
-    let mut gpu_kw = vec![0.0; rack_meters.len()];
-    loop {
-        // Cancel-safe: `tick()` holds no state we would lose.
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = interval.tick() => {}
+/// The site's physics: which devices are GPU rack meters and which is the site meter.
+struct Plant {
+    pdus: usize,
+    rack_meters: Vec<usize>,
+    site_meter: usize,
+    base_kw: f64,
+    gpu_kw: Vec<f64>,
+}
+
+impl Plant {
+    fn new(site: &Site) -> Self {
+        let pdus = site.pdus.len();
+        Plant {
+            pdus,
+            rack_meters: site
+                .gpu_racks
+                .iter()
+                .map(|g| pdus + g.meter.0 as usize)
+                .collect(),
+            site_meter: pdus + site.site_meter.0 as usize,
+            base_kw: site.sim.base_load_kw,
+            gpu_kw: vec![0.0; site.gpu_racks.len()],
         }
-        let now = Instant::now();
-        let dt = (now - last).as_secs_f64();
-        last = now;
-        for (r, &i) in rack_meters.iter().enumerate() {
+    }
+
+    /// Advances every device by `dt` seconds: GPU racks first, then the PDUs whose outlets feed
+    /// them, then the site meter, which sees the sum of everything.
+    fn advance(&mut self, devices: &[Arc<SimDevice>], dt: f64) {
+        for (r, &i) in self.rack_meters.iter().enumerate() {
             if let Device::Meter(m) = &mut *devices[i].state() {
                 m.step(dt);
-                gpu_kw[r] = m.power_kw();
+                self.gpu_kw[r] = m.power_kw();
             }
         }
         let mut asic_w = 0.0;
-        for d in devices.iter().take(site.pdus.len()) {
+        for d in devices.iter().take(self.pdus) {
             if let Device::Pdu(p) = &mut *d.state() {
-                p.step(dt, &gpu_kw);
+                p.step(dt, &self.gpu_kw);
                 asic_w += p.asic_w();
             }
         }
-        let total_kw = asic_w / 1000.0 + gpu_kw.iter().sum::<f64>() + base_kw;
-        for (i, d) in devices.iter().enumerate().skip(site.pdus.len()) {
+        let total_kw = asic_w / 1000.0 + self.gpu_kw.iter().sum::<f64>() + self.base_kw;
+        for (i, d) in devices.iter().enumerate().skip(self.pdus) {
             if let Device::Meter(m) = &mut *d.state() {
-                if i == site_meter {
+                if i == self.site_meter {
                     m.set_measured_kw(total_kw);
                 }
                 if !matches!(m.role, MeterRole::GpuRack(_)) {
@@ -460,6 +464,28 @@ async fn physics(
                 }
             }
         }
+    }
+}
+
+/// Advances the plant every tick until cancelled.
+async fn physics(
+    mut plant: Plant,
+    devices: Arc<Vec<Arc<SimDevice>>>,
+    tick: Duration,
+    cancel: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = Instant::now();
+    loop {
+        // Cancel-safe: `tick()` holds no state we would lose.
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let now = Instant::now();
+        plant.advance(&devices, (now - last).as_secs_f64());
+        last = now;
     }
 }
 

@@ -1,1 +1,77 @@
+//! `hil`: the hardware-in-loop harness. It starts firmware-sim for a site file on free loopback
+//! ports and gives tests what they need to drive and inspect it; the tests live in `tests/`.
+//!
+//! - [`site`]: the example site files, loaded.
+//! - [`modbus`]: a tokio-modbus client connected to a simulated device by name.
+//! - [`tools`]: third-party programs (mbpoll, mosquitto) that some tests need: skipped when
+//!   missing, required when `CI=true`.
 
+pub mod site {
+    use std::path::PathBuf;
+
+    /// Path of a file in `config/sites/`.
+    pub fn path(name: &str) -> PathBuf {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/sites")).join(name)
+    }
+
+    /// Loads an example site; panics with the config error (tests only).
+    pub fn load(name: &str) -> site_config::Site {
+        site_config::load(path(name)).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+pub mod modbus {
+    use std::net::SocketAddr;
+
+    use site_config::Site;
+    use tokio_modbus::client::{Context, tcp};
+    use tokio_modbus::prelude::SlaveContext;
+
+    /// The loopback address a device of `site` answers at.
+    pub fn addr(site: &Site, device: &str) -> SocketAddr {
+        let id = site
+            .device_by_name(device)
+            .unwrap_or_else(|| panic!("no device {device:?}"));
+        let ep = site.device_endpoint(id);
+        let ip = if ep.host == "localhost" {
+            "127.0.0.1"
+        } else {
+            &ep.host
+        };
+        SocketAddr::new(ip.parse().expect("loopback IP"), ep.port)
+    }
+
+    /// A Modbus TCP client talking to `device`'s unit id.
+    pub async fn connect(site: &Site, device: &str) -> Context {
+        let id = site.device_by_name(device).expect("device");
+        let unit = site.device_endpoint(id).unit_id;
+        let mut ctx = tcp::connect(addr(site, device)).await.expect("connect");
+        ctx.set_slave(tokio_modbus::Slave(unit));
+        ctx
+    }
+}
+
+pub mod tools {
+    use std::path::PathBuf;
+
+    /// Finds `program` on PATH. When it is missing the test is skipped (returns `None`), except
+    /// under `CI=true`, where a missing tool fails the test: CI must have run it.
+    pub fn require(program: &str) -> Option<PathBuf> {
+        // Debian installs daemons such as mosquitto in sbin, which a non-login PATH may lack.
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let sbin = ["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from);
+        let found = std::env::split_paths(&path)
+            .chain(sbin)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file());
+        if found.is_none() {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(
+                !ci,
+                "{program} is required under CI=true but is not installed"
+            );
+            eprintln!("skipping: {program} is not installed (apt-get install {program})");
+        }
+        found
+    }
+}
