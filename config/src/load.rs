@@ -284,8 +284,9 @@ fn default_swing_period_s() -> f64 {
     1.0
 }
 
+// No `deny_unknown_fields` here: serde cannot combine it with `flatten` (it would reject every
+// fault key); unknown keys are collected in `FaultFields::unknown` and reported at their path.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FaultDecl {
     device: String,
     #[serde(flatten)]
@@ -387,6 +388,8 @@ struct Expanded {
 
 /// A device before its profile is known to be good; the site is only built when all are.
 struct Draft<P> {
+    /// Index of the declaration in `[[pdus]]` or `[[meters]]`, for error paths.
+    decl: usize,
     name: String,
     endpoint: Endpoint,
     outlets: u16,
@@ -442,6 +445,7 @@ impl Resolver<'_> {
                 let id = PduId(pdus.len() as u32);
                 ids.push(id);
                 pdus.push(Draft {
+                    decl: i,
                     name: m.name,
                     endpoint: m.endpoint,
                     outlets: d.outlets,
@@ -470,6 +474,7 @@ impl Resolver<'_> {
                 d.timeout_ms,
             ) {
                 meters.push(Draft {
+                    decl: i,
                     name: m.name,
                     endpoint: m.endpoint,
                     outlets: 0,
@@ -804,21 +809,26 @@ impl Resolver<'_> {
 
     fn unique_devices<P, M>(&mut self, pdus: &[Draft<P>], meters: &[Draft<M>]) {
         let mut names: HashSet<&str> = HashSet::new();
-        let mut endpoints: HashMap<(&str, u16, u8), &str> = HashMap::new();
+        let mut endpoints: HashMap<(String, u16, u8), &str> = HashMap::new();
         let all = pdus
             .iter()
-            .map(|d| ("pdus", &d.name, &d.endpoint))
-            .chain(meters.iter().map(|d| ("meters", &d.name, &d.endpoint)));
-        for (table, name, ep) in all {
+            .map(|d| ("pdus", &d.name, &d.endpoint, d.decl))
+            .chain(
+                meters
+                    .iter()
+                    .map(|d| ("meters", &d.name, &d.endpoint, d.decl)),
+            );
+        for (table, name, ep, decl) in all {
             if !names.insert(name) {
                 self.p.push(
-                    format!("{table}.name"),
+                    format!("{table}[{decl}].name"),
                     format!("device name {name:?} is used twice"),
                 );
             }
-            if let Some(prev) = endpoints.insert((&ep.host, ep.port, ep.unit_id), name) {
+            let key = (canonical_host(&ep.host), ep.port, ep.unit_id);
+            if let Some(prev) = endpoints.insert(key, name) {
                 self.p.push(
-                    format!("{table}.port"),
+                    format!("{table}[{decl}].port"),
                     format!(
                         "{name:?} and {prev:?} both answer at {}:{} unit {}",
                         ep.host, ep.port, ep.unit_id
@@ -1288,6 +1298,14 @@ impl Resolver<'_> {
 
 /// Parses `mqtt://host:port` or `mqtts://host:port` (default ports 1883 and 8883).
 pub fn parse_broker_url(url: &str) -> Result<BrokerUrl, String> {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((_, host)) = rest.rsplit_once('@')
+    {
+        // Never repeat what may be a password in an error message or a log.
+        return Err(format!(
+            "\"{scheme}://***@{host}\": credentials do not belong in the URL; name environment variables in mqtt.username_env and mqtt.password_env"
+        ));
+    }
     let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtt://") {
         (false, rest)
     } else if let Some(rest) = url.strip_prefix("mqtts://") {
@@ -1340,6 +1358,14 @@ pub fn parse_broker_url(url: &str) -> Result<BrokerUrl, String> {
         host: host.to_owned(),
         port,
     })
+}
+
+/// One spelling per host, so `::1` and `0:0:0:0:0:0:0:1` (or `LOCALHOST` and `localhost`) match.
+fn canonical_host(h: &str) -> String {
+    match h.parse::<IpAddr>() {
+        Ok(ip) => ip.to_string(),
+        Err(_) => h.to_ascii_lowercase(),
+    }
 }
 
 fn is_hostname(h: &str) -> bool {
