@@ -279,7 +279,7 @@ fn maestro(payload: &[u8], cx: &Context<'_>) -> Result<Signal, String> {
         ));
     }
     match m.target {
-        t if t == 0.0 => Ok(Signal::Event {
+        0.0 => Ok(Signal::Event {
             id: MAESTRO_ID.into(),
             directives: vec![Directive {
                 id: MAESTRO_ID.into(),
@@ -293,7 +293,7 @@ fn maestro(payload: &[u8], cx: &Context<'_>) -> Result<Signal, String> {
                 format: SignalFormat::Maestro,
             }],
         }),
-        t if t == 100.0 => Ok(Signal::Release {
+        100.0 => Ok(Signal::Release {
             id: Some(MAESTRO_ID.into()),
         }),
         t => Err(format!(
