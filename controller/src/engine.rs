@@ -1,0 +1,624 @@
+//! The control loop: sense → plan → actuate, plus acknowledgements and status.
+//!
+//! The engine owns the timeline and what is known of every device. It takes signals (topic and
+//! bytes) from whatever transport delivers them, readings from the Modbus tasks, and publishes
+//! a new desired state after every plan; the Modbus tasks make it so. It speaks to the outside
+//! through channels only, so tests can drive it without a broker.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use serde::Serialize;
+use site_config::{DeviceId, Site};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn};
+
+use crate::modbus::{Desired, DeviceError, Report};
+use crate::planner::{AsicState, Plan, Planner, Snapshot};
+use crate::signal::{self, Signal};
+use crate::timeline::{Applied, Timeline};
+
+/// What the transport delivers to the engine.
+#[derive(Debug, Clone)]
+pub enum Inbound {
+    /// A message on a subscribed topic, as it arrived.
+    Signal { topic: String, payload: Vec<u8> },
+    /// The link to the broker is (re)established: status must be published again, since the
+    /// broker may have published our last will meanwhile.
+    Connected,
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+/// The acknowledgement of a signal, published on the ack topic.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Ack {
+    pub id: Option<String>,
+    pub status: AckStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: String,
+    /// Measured at completion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site_kw: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asic_kw: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AckStatus {
+    Accepted,
+    Rejected,
+    Active,
+    Completed,
+}
+
+/// The retained status message.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Status {
+    pub site: String,
+    pub online: bool,
+    pub at: String,
+    pub site_kw: Option<f64>,
+    pub asic_kw: Option<f64>,
+    pub gpu_kw: Option<f64>,
+    pub limit_kw: f64,
+    /// Rated kW of ASICs switched off by gridshed.
+    pub shed_kw: f64,
+    /// Rated kW of ASICs still on that could be switched off.
+    pub sheddable_kw: f64,
+    pub shortfall_kw: f64,
+    pub asics_on: usize,
+    pub asics_off: usize,
+    pub directives: Vec<String>,
+    pub faulted: Vec<Fault>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Fault {
+    pub device: String,
+    pub reason: String,
+}
+
+/// The status payload published as last will: the controller is gone.
+pub fn offline_status(site: &Site) -> Vec<u8> {
+    serde_json::json!({ "site": site.id, "online": false })
+        .to_string()
+        .into_bytes()
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct AsicTrack {
+    /// Relay state as last read back.
+    seen: Option<bool>,
+    /// What the last plan asked for.
+    commanded: Option<bool>,
+    /// When the relay last changed (commanded or observed).
+    since: Option<Timestamp>,
+    /// Latest outlet power reading, W.
+    power_w: Option<f64>,
+}
+
+/// The channels the engine works through.
+pub struct Io {
+    pub inbound: mpsc::Receiver<Inbound>,
+    pub outbound: mpsc::Sender<Outbound>,
+    pub reports: mpsc::Receiver<Report>,
+    pub desired: watch::Sender<Desired>,
+}
+
+/// How often plans may be recomputed because of readings alone (signals plan at once).
+const READINGS_REPLAN: Duration = Duration::from_millis(100);
+
+pub struct Engine {
+    site: Arc<Site>,
+    planner: Planner,
+    timeline: Timeline,
+    asics: Vec<AsicTrack>,
+    /// Per device, its fault (if any).
+    faults: BTreeMap<DeviceId, DeviceError>,
+    /// Per meter, the latest kW.
+    meter_kw: Vec<Option<f64>>,
+    gpu_history: VecDeque<(Timestamp, f64)>,
+    last_restore: Option<Timestamp>,
+    /// Events announced as active.
+    announced: BTreeSet<String>,
+    generation: u64,
+    last_plan: Option<Plan>,
+    last_status: Option<Status>,
+    last_status_at: Option<Instant>,
+    /// PDUs heard from since start (or faulted): planning waits for all of them.
+    heard: BTreeSet<DeviceId>,
+    started: Instant,
+}
+
+impl Engine {
+    pub fn new(site: Arc<Site>) -> Engine {
+        Engine {
+            planner: Planner::new(&site),
+            timeline: Timeline::new(),
+            asics: vec![AsicTrack::default(); site.asics.len()],
+            faults: BTreeMap::new(),
+            meter_kw: vec![None; site.meters.len()],
+            gpu_history: VecDeque::new(),
+            last_restore: None,
+            announced: BTreeSet::new(),
+            generation: 0,
+            last_plan: None,
+            last_status: None,
+            last_status_at: None,
+            heard: BTreeSet::new(),
+            started: Instant::now(),
+            site,
+        }
+    }
+
+    pub fn timeline(&self) -> &Timeline {
+        &self.timeline
+    }
+
+    /// Runs until `cancel`. Field devices are left exactly as they are.
+    pub async fn run(mut self, mut io: Io, cancel: CancellationToken) {
+        let mut replan_at: Option<Instant> = Some(Instant::now());
+        let mut wake_at = Instant::now() + self.site.mqtt.status_interval;
+        loop {
+            let next = replan_at.map_or(wake_at, |r| r.min(wake_at));
+            // Cancel-safe: recv() on mpsc and sleep_until lose nothing when another branch wins.
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(msg) = io.inbound.recv() => match msg {
+                    Inbound::Signal { topic, payload } => {
+                        if self.on_signal(&topic, &payload, &io.outbound).await {
+                            replan_at = Some(Instant::now());
+                        }
+                    }
+                    Inbound::Connected => {
+                        self.last_status = None;
+                        replan_at = Some(Instant::now());
+                    }
+                },
+                Some(report) = io.reports.recv() => {
+                    let mut changed = self.on_report(report);
+                    // Drain what is already queued: one plan for a burst of readings.
+                    while let Ok(r) = io.reports.try_recv() {
+                        changed |= self.on_report(r);
+                    }
+                    if changed {
+                        let soon = Instant::now() + READINGS_REPLAN;
+                        replan_at = Some(replan_at.map_or(soon, |r| r.min(soon)));
+                    }
+                }
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            let now = Instant::now();
+            if replan_at.is_some_and(|r| r <= now) || wake_at <= now {
+                replan_at = None;
+                let wake = self.cycle(&io.outbound, &io.desired).await;
+                wake_at = now + wake;
+            }
+        }
+        info!("engine stopped; outlets left as they are");
+    }
+
+    /// Handles one signal; true if the timeline changed.
+    async fn on_signal(
+        &mut self,
+        topic_name: &str,
+        payload: &[u8],
+        out: &mpsc::Sender<Outbound>,
+    ) -> bool {
+        let Some(topic) = self
+            .site
+            .mqtt
+            .signals
+            .iter()
+            .find(|s| s.topic == topic_name)
+        else {
+            debug!(topic = %topic_name, "message on a topic the site file does not name; ignored");
+            return false;
+        };
+        let now = Timestamp::now();
+        let cx = signal::Context {
+            max_payload_bytes: self.site.mqtt.max_payload_bytes,
+            simple_levels: &self.site.policy.simple_levels,
+            now,
+        };
+        match signal::parse(topic.format, payload, &cx) {
+            Err(rejection) => {
+                warn!(id = ?rejection.id, reason = %rejection.reason, topic = %topic_name, "signal rejected");
+                self.ack(
+                    out,
+                    rejection.id,
+                    AckStatus::Rejected,
+                    Some(rejection.reason),
+                )
+                .await;
+                false
+            }
+            Ok(sig) => {
+                let id = sig.id().map(str::to_owned);
+                let span = info_span!("signal", id = id.as_deref().unwrap_or("*"));
+                let _enter = span.enter();
+                let applied = self.timeline.apply(&sig);
+                info!(?applied, format = ?topic.format, "signal accepted");
+                self.ack(out, id, AckStatus::Accepted, None).await;
+                if let (Signal::Release { .. }, Applied::Released(ids)) = (&sig, &applied) {
+                    for id in ids {
+                        self.complete(out, id).await;
+                    }
+                }
+                applied != Applied::Unchanged
+            }
+        }
+    }
+
+    async fn complete(&mut self, out: &mpsc::Sender<Outbound>, id: &str) {
+        self.announced.remove(id);
+        let (site_kw, asic_kw) = (self.site_kw(), self.asic_kw());
+        let ack = Ack {
+            id: Some(id.to_owned()),
+            status: AckStatus::Completed,
+            reason: None,
+            at: Timestamp::now().to_string(),
+            site_kw,
+            asic_kw,
+        };
+        info!(id, ?site_kw, "event completed");
+        self.publish_ack(out, &ack).await;
+    }
+
+    async fn ack(
+        &self,
+        out: &mpsc::Sender<Outbound>,
+        id: Option<String>,
+        status: AckStatus,
+        reason: Option<String>,
+    ) {
+        let ack = Ack {
+            id,
+            status,
+            reason,
+            at: Timestamp::now().to_string(),
+            site_kw: None,
+            asic_kw: None,
+        };
+        self.publish_ack(out, &ack).await;
+    }
+
+    async fn publish_ack(&self, out: &mpsc::Sender<Outbound>, ack: &Ack) {
+        let payload = serde_json::to_vec(ack).unwrap_or_default();
+        let msg = Outbound {
+            topic: self.site.mqtt.ack_topic.clone(),
+            payload,
+            retain: false,
+        };
+        if out.try_send(msg).is_err() {
+            warn!("outbound queue full; acknowledgement dropped");
+        }
+    }
+
+    /// Takes in one report; true if it may change the plan.
+    fn on_report(&mut self, report: Report) -> bool {
+        match report {
+            Report::Pdu {
+                pdu,
+                relays,
+                power_w,
+                ..
+            } => {
+                let device = DeviceId::Pdu(pdu);
+                self.heard.insert(device);
+                let cleared = self.faults.remove(&device).is_some();
+                if cleared {
+                    info!(device = %self.site.pdu(pdu).name, "device answers again");
+                }
+                let now = Timestamp::now();
+                let mut changed = cleared;
+                for a in self.site.asics.iter().filter(|a| a.pdu == pdu) {
+                    let i = usize::from(a.outlet) - 1;
+                    let t = &mut self.asics[a.id.0 as usize];
+                    let seen = relays.get(i).copied();
+                    if seen.is_some() && seen != t.seen {
+                        if t.seen.is_some() && seen != t.commanded {
+                            t.since = Some(now);
+                        }
+                        t.seen = seen;
+                        changed = true;
+                    }
+                    t.power_w = power_w.get(i).copied();
+                }
+                changed
+            }
+            Report::Meter { meter, kw, .. } => {
+                self.heard.insert(DeviceId::Meter(meter));
+                self.faults.remove(&DeviceId::Meter(meter));
+                if let Some(slot) = self.meter_kw.get_mut(meter.0 as usize) {
+                    *slot = Some(kw);
+                }
+                if self.site.gpu_racks.iter().any(|g| g.meter == meter) {
+                    self.sample_gpu(Timestamp::now());
+                }
+                true
+            }
+            Report::Written { .. } => false,
+            Report::Fault { device, error, .. } => {
+                self.heard.insert(device);
+                let name = self.site.device_name(device).to_owned();
+                let fresh = self.faults.insert(device, error.clone()).as_ref() != Some(&error);
+                if fresh {
+                    warn!(device = %name, %error, "device faulted");
+                }
+                fresh
+            }
+        }
+    }
+
+    fn sample_gpu(&mut self, now: Timestamp) {
+        let total: f64 = self
+            .site
+            .gpu_racks
+            .iter()
+            .map(|g| {
+                match (
+                    self.meter_kw[g.meter.0 as usize],
+                    self.faults.contains_key(&DeviceId::Meter(g.meter)),
+                ) {
+                    (Some(kw), false) => kw,
+                    // A rack we cannot read may be at full power.
+                    _ => g.rated_kw,
+                }
+            })
+            .sum();
+        self.gpu_history.push_back((now, total));
+        let window = SignedDuration::try_from(self.site.policy.gpu_peak_window)
+            .unwrap_or(SignedDuration::MAX);
+        while self
+            .gpu_history
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > window)
+        {
+            self.gpu_history.pop_front();
+        }
+    }
+
+    fn site_kw(&self) -> Option<f64> {
+        let m = self.site.site_meter;
+        if self.faults.contains_key(&DeviceId::Meter(m)) {
+            return None;
+        }
+        self.meter_kw[m.0 as usize]
+    }
+
+    fn asic_kw(&self) -> Option<f64> {
+        let mut sum = 0.0;
+        for t in &self.asics {
+            sum += t.power_w? / 1000.0;
+        }
+        Some(sum)
+    }
+
+    fn gpu_kw(&self) -> Option<f64> {
+        self.site
+            .gpu_racks
+            .iter()
+            .map(|g| self.meter_kw[g.meter.0 as usize])
+            .sum()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let asics = self
+            .site
+            .asics
+            .iter()
+            .map(|a| {
+                let t = self.asics[a.id.0 as usize];
+                let healthy = !self.faults.contains_key(&DeviceId::Pdu(a.pdu));
+                AsicState {
+                    // While a PDU is healthy its task enforces what was commanded.
+                    on: if healthy {
+                        t.commanded.or(t.seen)
+                    } else {
+                        t.seen.or(t.commanded)
+                    }
+                    .unwrap_or(true),
+                    since: t.since,
+                    controllable: healthy,
+                }
+            })
+            .collect();
+        Snapshot {
+            asics,
+            site_kw: self.site_kw(),
+            asic_kw: self.asic_kw(),
+            gpu_kw: self.gpu_history.iter().copied().collect(),
+            last_restore: self.last_restore,
+        }
+    }
+
+    /// True once every PDU has answered or failed once, or the start-up grace is over: until then
+    /// the controller does not know the outlets' state and plans nothing.
+    fn ready(&self) -> bool {
+        let all = self
+            .site
+            .pdus
+            .iter()
+            .all(|p| self.heard.contains(&DeviceId::Pdu(p.id)));
+        let grace = self
+            .site
+            .pdus
+            .iter()
+            .map(|p| p.endpoint.timeout)
+            .max()
+            .unwrap_or_default()
+            * 3
+            + self.site.policy.poll_interval;
+        all || self.started.elapsed() > grace
+    }
+
+    /// One sense → plan → actuate cycle; returns how long until the next one is due.
+    async fn cycle(
+        &mut self,
+        out: &mpsc::Sender<Outbound>,
+        desired: &watch::Sender<Desired>,
+    ) -> Duration {
+        let now = Timestamp::now();
+        for id in self.timeline.expire(now) {
+            self.complete(out, &id).await;
+        }
+        let status_every = self.site.mqtt.status_interval;
+        if !self.ready() {
+            return self.site.policy.poll_interval.min(status_every);
+        }
+        let snap = self.snapshot();
+        let plan = self.planner.plan(&self.site, &snap, &self.timeline, now);
+        let changes = plan.changes(&snap).count();
+        if changes > 0 {
+            self.generation += 1;
+            for (id, on) in plan.changes(&snap) {
+                let t = &mut self.asics[id.0 as usize];
+                t.commanded = Some(on);
+                t.since = Some(now);
+            }
+            if plan.restored > 0 {
+                self.last_restore = Some(now);
+            }
+            let events = self.timeline.in_force(now).events;
+            info!(
+                generation = self.generation,
+                off = plan.switched_off,
+                on = plan.restored,
+                budget_kw = format!("{:.1}", plan.budget_kw),
+                limit_kw = plan.limit_kw,
+                shortfall_kw = format!("{:.1}", plan.shortfall_kw),
+                directives = ?events,
+                "plan"
+            );
+            desired.send_replace(Desired {
+                generation: self.generation,
+                asics: Some(Arc::new(plan.desired.clone())),
+            });
+        } else if desired.borrow().asics.is_none() {
+            // First plan: publish the absolute state even if nothing changes.
+            self.generation += 1;
+            for (i, on) in plan.desired.iter().enumerate() {
+                self.asics[i].commanded = Some(*on);
+            }
+            desired.send_replace(Desired {
+                generation: self.generation,
+                asics: Some(Arc::new(plan.desired.clone())),
+            });
+        }
+        for id in self.timeline.in_force(now).events {
+            if self.announced.insert(id.clone()) {
+                self.ack(out, Some(id), AckStatus::Active, None).await;
+            }
+        }
+        let wake = plan
+            .next_wake
+            .map(|t| t.duration_since(now))
+            .and_then(|d| Duration::try_from(d).ok())
+            .unwrap_or(status_every)
+            .min(status_every)
+            .max(Duration::from_millis(10));
+        self.last_plan = Some(plan);
+        self.publish_status(out, now).await;
+        wake
+    }
+
+    pub fn status(&self, now: Timestamp) -> Status {
+        let plan = self.last_plan.as_ref();
+        let rated = |i: usize| self.site.asics[i].rated_w / 1000.0;
+        let snap_on: Vec<bool> =
+            plan.map_or_else(|| vec![true; self.site.asics.len()], |p| p.desired.clone());
+        let shed_kw = snap_on
+            .iter()
+            .enumerate()
+            .filter(|(_, on)| !**on)
+            .map(|(i, _)| rated(i))
+            .sum();
+        let sheddable_kw = self
+            .site
+            .asics
+            .iter()
+            .filter(|a| {
+                snap_on[a.id.0 as usize] && !self.faults.contains_key(&DeviceId::Pdu(a.pdu))
+            })
+            .map(|a| a.rated_w / 1000.0)
+            .sum();
+        let on = snap_on.iter().filter(|o| **o).count();
+        Status {
+            site: self.site.id.clone(),
+            online: true,
+            at: now.to_string(),
+            site_kw: self.site_kw().map(round1),
+            asic_kw: self.asic_kw().map(round1),
+            gpu_kw: self.gpu_kw().map(round1),
+            limit_kw: plan.map_or(self.site.import_limit_kw, |p| p.limit_kw),
+            shed_kw: round1(shed_kw),
+            sheddable_kw: round1(sheddable_kw),
+            shortfall_kw: round1(plan.map_or(0.0, |p| p.shortfall_kw)),
+            asics_on: on,
+            asics_off: snap_on.len() - on,
+            directives: self.timeline.in_force(now).events,
+            faulted: self
+                .faults
+                .iter()
+                .map(|(d, e)| Fault {
+                    device: self.site.device_name(*d).to_owned(),
+                    reason: e.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Publishes status when something that matters changed, or every status interval.
+    async fn publish_status(&mut self, out: &mpsc::Sender<Outbound>, now: Timestamp) {
+        let status = self.status(now);
+        let material = |s: &Status| {
+            (
+                s.limit_kw.to_bits(),
+                s.shed_kw.to_bits(),
+                s.asics_on,
+                s.directives.clone(),
+                s.faulted.clone(),
+                s.shortfall_kw.to_bits(),
+            )
+        };
+        let changed = self
+            .last_status
+            .as_ref()
+            .is_none_or(|l| material(l) != material(&status));
+        let due = self
+            .last_status_at
+            .is_none_or(|t| t.elapsed() >= self.site.mqtt.status_interval);
+        if !(changed || due) {
+            return;
+        }
+        let payload = serde_json::to_vec(&status).unwrap_or_default();
+        let msg = Outbound {
+            topic: self.site.mqtt.status_topic.clone(),
+            payload,
+            retain: true,
+        };
+        if out.try_send(msg).is_err() {
+            debug!("outbound queue full; status skipped");
+        }
+        self.last_status = Some(status);
+        self.last_status_at = Some(Instant::now());
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}

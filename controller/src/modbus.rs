@@ -1,0 +1,762 @@
+//! Actuation and sensing over Modbus TCP: one task per endpoint (host:port), owning its
+//! connection, for the PDUs and meters behind it.
+//!
+//! Each task reads its devices every poll interval and whenever the desired state changes
+//! writes what differs: one Write Multiple Coils (or Registers) per run of consecutive ASIC
+//! outlets where the profile allows it, else one write per outlet; then reads the relays back.
+//! Every call runs under the device's timeout (tokio-modbus has none of its own); after a
+//! timeout or transport error the connection is dropped (transaction ids may be out of step)
+//! and re-opened with backoff. A device's exception answer is a fault of that device, not of
+//! the connection. Nothing is written but ASIC outlets: GPU feed outlets, empty outlets and
+//! meters are only ever read.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use site_config::profile::{MAX_READ_WORDS, RegisterTable, RelayTable, WriteMode};
+use site_config::{AsicId, DeviceId, MeterId, PduId, Site};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, timeout};
+use tokio_modbus::client::{Context, Reader, Writer, tcp};
+use tokio_modbus::prelude::SlaveContext;
+use tokio_modbus::{ExceptionCode, Slave};
+use tokio_util::sync::CancellationToken;
+
+/// Why a device is not trusted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("connection failed: {0}")]
+    Transport(String),
+    #[error("answered with Modbus exception {0:?}")]
+    Exception(ExceptionCode),
+    #[error("answered with {0}")]
+    Malformed(String),
+    #[error("relays disagree with what was written on outlets {0:?}")]
+    Disagrees(Vec<u16>),
+}
+
+/// The desired relay state of every ASIC, published by the engine; `generation` grows with
+/// every plan so endpoint tasks can tell a new plan from an old one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Desired {
+    pub generation: u64,
+    /// Indexed by [`AsicId`]; `None` before the first plan (nothing is written then).
+    pub asics: Option<Arc<Vec<bool>>>,
+}
+
+/// What an endpoint task tells the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    Pdu {
+        pdu: PduId,
+        at: Instant,
+        /// Relay state of every outlet (outlet 1 first), read just now.
+        relays: Vec<bool>,
+        /// Active power of every outlet, W.
+        power_w: Vec<f64>,
+    },
+    Meter {
+        meter: MeterId,
+        at: Instant,
+        kw: f64,
+    },
+    /// Writes for plan `generation` were acknowledged by the PDU (outlets switched).
+    Written {
+        pdu: PduId,
+        generation: u64,
+        at: Instant,
+        outlets: usize,
+        requests: usize,
+    },
+    Fault {
+        device: DeviceId,
+        at: Instant,
+        error: DeviceError,
+    },
+}
+
+/// A run of consecutive outlets that all carry ASICs: the unit of a batched write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// 1-based number of the first outlet.
+    pub first_outlet: u16,
+    /// The ASIC on each outlet of the run, in outlet order.
+    pub asics: Vec<AsicId>,
+}
+
+/// Splits a PDU's ASIC outlets into runs of consecutive outlets. Outlets without an ASIC
+/// (GPU feeds, empty) break runs, so no write ever covers them.
+pub fn runs(site: &Site, pdu: PduId) -> Vec<Run> {
+    let mut by_outlet: BTreeMap<u16, AsicId> = BTreeMap::new();
+    for a in site.asics.iter().filter(|a| a.pdu == pdu) {
+        by_outlet.insert(a.outlet, a.id);
+    }
+    let mut out: Vec<Run> = Vec::new();
+    for (outlet, id) in by_outlet {
+        match out.last_mut() {
+            Some(run) if run.first_outlet + run.asics.len() as u16 == outlet => run.asics.push(id),
+            _ => out.push(Run {
+                first_outlet: outlet,
+                asics: vec![id],
+            }),
+        }
+    }
+    out
+}
+
+/// Timing of the Modbus side.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub poll_interval: Duration,
+    /// First reconnect delay; doubles per failure up to `max_backoff`, with jitter.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// How long relays may take to follow a write before the device counts as disagreeing.
+    pub verify_grace: Duration,
+}
+
+impl Timing {
+    pub fn for_site(site: &Site) -> Timing {
+        let poll = site.policy.poll_interval;
+        Timing {
+            poll_interval: poll,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            verify_grace: (poll * 3).max(Duration::from_secs(2)),
+        }
+    }
+}
+
+/// Starts one task per endpoint of `site`; they run until `cancel`.
+pub fn spawn_endpoints(
+    site: &Arc<Site>,
+    timing: Timing,
+    desired: watch::Receiver<Desired>,
+    reports: mpsc::Sender<Report>,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinSet<()> {
+    let mut groups: BTreeMap<(String, u16), Vec<DeviceId>> = BTreeMap::new();
+    for id in site.devices() {
+        let ep = site.device_endpoint(id);
+        groups
+            .entry((ep.host.clone(), ep.port))
+            .or_default()
+            .push(id);
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for ((host, port), devices) in groups {
+        let task = Endpoint::new(
+            site.clone(),
+            host,
+            port,
+            devices,
+            timing,
+            desired.clone(),
+            reports.clone(),
+        );
+        set.spawn(task.run(cancel.clone()));
+    }
+    set
+}
+
+struct PduPlan {
+    id: PduId,
+    runs: Vec<Run>,
+    /// Relay state as last read back, by outlet index.
+    relays: Option<Vec<bool>>,
+    /// Outlets written but not yet seen to follow, with when.
+    unverified: BTreeMap<u16, (bool, Instant)>,
+    /// The plan generation last written.
+    written: u64,
+}
+
+struct Endpoint {
+    site: Arc<Site>,
+    host: String,
+    port: u16,
+    pdus: Vec<PduPlan>,
+    meters: Vec<MeterId>,
+    timing: Timing,
+    desired: watch::Receiver<Desired>,
+    reports: mpsc::Sender<Report>,
+    ctx: Option<Context>,
+    failures: u32,
+    next_attempt: Instant,
+}
+
+enum CallError {
+    /// The device answered with an exception: the connection is fine.
+    Device(DeviceError),
+    /// Timeout or transport failure: the connection must go.
+    Link(DeviceError),
+}
+
+/// Runs one Modbus call under a timeout, sorting failures into the device's and the link's.
+async fn call<T>(
+    limit: Duration,
+    fut: impl Future<Output = tokio_modbus::Result<T>>,
+) -> Result<T, CallError> {
+    match timeout(limit, fut).await {
+        Err(_) => Err(CallError::Link(DeviceError::Timeout(limit))),
+        Ok(Err(e)) => Err(CallError::Link(DeviceError::Transport(e.to_string()))),
+        Ok(Ok(Err(code))) => Err(CallError::Device(DeviceError::Exception(code))),
+        Ok(Ok(Ok(v))) => Ok(v),
+    }
+}
+
+impl Endpoint {
+    fn new(
+        site: Arc<Site>,
+        host: String,
+        port: u16,
+        devices: Vec<DeviceId>,
+        timing: Timing,
+        desired: watch::Receiver<Desired>,
+        reports: mpsc::Sender<Report>,
+    ) -> Endpoint {
+        let mut pdus = Vec::new();
+        let mut meters = Vec::new();
+        for d in devices {
+            match d {
+                DeviceId::Pdu(p) => pdus.push(PduPlan {
+                    id: p,
+                    runs: runs(&site, p),
+                    relays: None,
+                    unverified: BTreeMap::new(),
+                    written: 0,
+                }),
+                DeviceId::Meter(m) => meters.push(m),
+            }
+        }
+        Endpoint {
+            site,
+            host,
+            port,
+            pdus,
+            meters,
+            timing,
+            desired,
+            reports,
+            ctx: None,
+            failures: 0,
+            next_attempt: Instant::now(),
+        }
+    }
+
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut poll = tokio::time::interval(self.timing.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Cancel-safe: each branch only wakes us; the work happens after the select.
+            let plan_changed = tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = poll.tick() => false,
+                r = self.desired.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    true
+                }
+            };
+            if !self.ensure_connected().await {
+                continue;
+            }
+            if plan_changed {
+                self.actuate().await;
+            } else {
+                self.poll_all().await;
+                self.actuate().await;
+            }
+        }
+    }
+
+    async fn ensure_connected(&mut self) -> bool {
+        if self.ctx.is_some() {
+            return true;
+        }
+        if Instant::now() < self.next_attempt {
+            return false;
+        }
+        let limit = self.connect_timeout();
+        let result = match self.resolve().await {
+            Ok(addr) => match timeout(limit, tcp::connect(addr)).await {
+                Ok(Ok(ctx)) => Ok(ctx),
+                Ok(Err(e)) => Err(DeviceError::Transport(e.to_string())),
+                Err(_) => Err(DeviceError::Timeout(limit)),
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(ctx) => {
+                self.ctx = Some(ctx);
+                self.failures = 0;
+                true
+            }
+            Err(e) => {
+                self.link_down(e).await;
+                false
+            }
+        }
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        let pdus = self
+            .pdus
+            .iter()
+            .map(|p| self.site.pdu(p.id).endpoint.timeout);
+        let meters = self
+            .meters
+            .iter()
+            .map(|m| self.site.meter(*m).endpoint.timeout);
+        pdus.chain(meters).max().unwrap_or(Duration::from_secs(1))
+    }
+
+    async fn resolve(&mut self) -> Result<SocketAddr, DeviceError> {
+        if let Ok(ip) = self.host.parse() {
+            return Ok(SocketAddr::new(ip, self.port));
+        }
+        tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| DeviceError::Transport(format!("cannot resolve {}: {e}", self.host)))?
+            .next()
+            .ok_or_else(|| DeviceError::Transport(format!("{} resolves to no address", self.host)))
+    }
+
+    /// Drops the connection, reports every device behind it faulted, and schedules the next
+    /// attempt with exponential backoff and jitter.
+    async fn link_down(&mut self, error: DeviceError) {
+        self.ctx = None;
+        self.failures = self.failures.saturating_add(1);
+        let exp = self
+            .timing
+            .min_backoff
+            .saturating_mul(1 << self.failures.min(16).saturating_sub(1));
+        let base = exp.min(self.timing.max_backoff);
+        let jitter = base.mul_f64(rand::random_range(0.0..0.25));
+        self.next_attempt = Instant::now() + base + jitter;
+        if self.failures == 1 || self.failures.is_power_of_two() {
+            tracing::warn!(endpoint = %format!("{}:{}", self.host, self.port), failures = self.failures, %error, "modbus endpoint unreachable");
+        }
+        let at = Instant::now();
+        let devices: Vec<DeviceId> = self
+            .pdus
+            .iter()
+            .map(|p| DeviceId::Pdu(p.id))
+            .chain(self.meters.iter().map(|m| DeviceId::Meter(*m)))
+            .collect();
+        for device in devices {
+            self.report(Report::Fault {
+                device,
+                at,
+                error: error.clone(),
+            })
+            .await;
+        }
+        for p in &mut self.pdus {
+            p.relays = None;
+        }
+    }
+
+    async fn report(&mut self, r: Report) {
+        // The engine drains reports continuously; if it is gone we are shutting down.
+        let _ = self.reports.send(r).await;
+    }
+
+    async fn poll_all(&mut self) {
+        for i in 0..self.meters.len() {
+            if self.ctx.is_none() {
+                return;
+            }
+            let meter = self.meters[i];
+            match self.read_meter(meter).await {
+                Ok(kw) => {
+                    self.report(Report::Meter {
+                        meter,
+                        at: Instant::now(),
+                        kw,
+                    })
+                    .await
+                }
+                Err(e) => self.device_failed(DeviceId::Meter(meter), e).await,
+            }
+        }
+        for i in 0..self.pdus.len() {
+            if self.ctx.is_none() {
+                return;
+            }
+            let pdu = self.pdus[i].id;
+            match self.read_pdu(pdu).await {
+                Ok((relays, power_w)) => {
+                    let at = Instant::now();
+                    let stuck = self.verify(i, &relays, at);
+                    self.pdus[i].relays = Some(relays.clone());
+                    if stuck.is_empty() {
+                        self.report(Report::Pdu {
+                            pdu,
+                            at,
+                            relays,
+                            power_w,
+                        })
+                        .await;
+                    } else {
+                        self.report(Report::Pdu {
+                            pdu,
+                            at,
+                            relays,
+                            power_w,
+                        })
+                        .await;
+                        self.report(Report::Fault {
+                            device: DeviceId::Pdu(pdu),
+                            at,
+                            error: DeviceError::Disagrees(stuck),
+                        })
+                        .await;
+                    }
+                }
+                Err(e) => self.device_failed(DeviceId::Pdu(pdu), e).await,
+            }
+        }
+    }
+
+    /// Compares a read-back with outstanding writes: outlets that followed are verified; those
+    /// still different after the grace period are returned as disagreeing.
+    fn verify(&mut self, i: usize, relays: &[bool], at: Instant) -> Vec<u16> {
+        let grace = self.timing.verify_grace;
+        let pdu = &mut self.pdus[i];
+        pdu.unverified
+            .retain(|outlet, (want, _)| relays.get(usize::from(*outlet) - 1) != Some(want));
+        pdu.unverified
+            .iter()
+            .filter(|(_, (_, since))| at.duration_since(*since) > grace)
+            .map(|(o, _)| *o)
+            .collect()
+    }
+
+    async fn device_failed(&mut self, device: DeviceId, e: CallError) {
+        match e {
+            CallError::Link(error) => self.link_down(error).await,
+            CallError::Device(error) => {
+                self.report(Report::Fault {
+                    device,
+                    at: Instant::now(),
+                    error,
+                })
+                .await
+            }
+        }
+    }
+
+    async fn read_meter(&mut self, meter: MeterId) -> Result<f64, CallError> {
+        let m = self.site.meter(meter);
+        let map = m.profile.active_power;
+        let words = self
+            .read_words(
+                m.endpoint.unit_id,
+                m.endpoint.timeout,
+                map.table,
+                map.address,
+                map.encoding.words(),
+            )
+            .await?;
+        let v = map.decode(&words).ok_or_else(|| {
+            CallError::Device(DeviceError::Malformed(
+                "a power value that is not a finite number".into(),
+            ))
+        })?;
+        let kw = map.to_watts(v) / 1000.0;
+        if !(-1e7..=1e7).contains(&kw) {
+            return Err(CallError::Device(DeviceError::Malformed(format!(
+                "an absurd power of {kw} kW"
+            ))));
+        }
+        Ok(kw)
+    }
+
+    async fn read_pdu(&mut self, pdu: PduId) -> Result<(Vec<bool>, Vec<f64>), CallError> {
+        let p = self.site.pdu(pdu).clone();
+        let (unit, limit, n) = (p.endpoint.unit_id, p.endpoint.timeout, p.outlets);
+        let relays = self.read_relays(unit, limit, &p.profile.relays, n).await?;
+        let block = p.profile.outlet_power;
+        let span = block.span(n).ok_or_else(|| {
+            CallError::Device(DeviceError::Malformed(
+                "outlet power block out of range".into(),
+            ))
+        })?;
+        let words = self
+            .read_words(unit, limit, block.table, block.address, span)
+            .await?;
+        let mut power_w = Vec::with_capacity(usize::from(n));
+        for outlet in 1..=n {
+            let map = block.outlet(outlet);
+            let offset = usize::from(map.address - block.address);
+            let w = words
+                .get(offset..)
+                .and_then(|w| map.decode(w))
+                .map(|v| map.to_watts(v))
+                .ok_or_else(|| {
+                    CallError::Device(DeviceError::Malformed(format!(
+                        "no power value for outlet {outlet}"
+                    )))
+                })?;
+            power_w.push(w);
+        }
+        Ok((relays, power_w))
+    }
+
+    async fn read_relays(
+        &mut self,
+        unit: u8,
+        limit: Duration,
+        map: &site_config::profile::RelayMap,
+        n: u16,
+    ) -> Result<Vec<bool>, CallError> {
+        let ctx = self
+            .ctx
+            .as_mut()
+            .ok_or_else(|| CallError::Link(DeviceError::Transport("not connected".into())))?;
+        ctx.set_slave(Slave(unit));
+        let states = match map.table {
+            RelayTable::Coil => call(limit, ctx.read_coils(map.address, n)).await?,
+            RelayTable::Holding => call(limit, ctx.read_holding_registers(map.address, n))
+                .await?
+                .into_iter()
+                .map(|w| w == map.on_value)
+                .collect(),
+        };
+        if states.len() < usize::from(n) {
+            return Err(CallError::Device(DeviceError::Malformed(format!(
+                "{} relay states for {n} outlets",
+                states.len()
+            ))));
+        }
+        Ok(states[..usize::from(n)].to_vec())
+    }
+
+    /// Reads `count` registers, in as many requests as Modbus allows.
+    async fn read_words(
+        &mut self,
+        unit: u8,
+        limit: Duration,
+        table: RegisterTable,
+        address: u16,
+        count: u16,
+    ) -> Result<Vec<u16>, CallError> {
+        let ctx = self
+            .ctx
+            .as_mut()
+            .ok_or_else(|| CallError::Link(DeviceError::Transport("not connected".into())))?;
+        ctx.set_slave(Slave(unit));
+        let mut out = Vec::with_capacity(usize::from(count));
+        let mut done: u16 = 0;
+        while done < count {
+            let n = (count - done).min(MAX_READ_WORDS);
+            let addr = address.wrapping_add(done);
+            let chunk = match table {
+                RegisterTable::Input => call(limit, ctx.read_input_registers(addr, n)).await?,
+                RegisterTable::Holding => call(limit, ctx.read_holding_registers(addr, n)).await?,
+            };
+            if chunk.len() != usize::from(n) {
+                return Err(CallError::Device(DeviceError::Malformed(format!(
+                    "{} registers for {n}",
+                    chunk.len()
+                ))));
+            }
+            out.extend(chunk);
+            done += n;
+        }
+        Ok(out)
+    }
+
+    /// Writes whatever differs between the desired state and the relays as last read.
+    async fn actuate(&mut self) {
+        let desired = self.desired.borrow_and_update().clone();
+        let Some(want) = desired.asics else {
+            return;
+        };
+        for i in 0..self.pdus.len() {
+            if self.ctx.is_none() {
+                return;
+            }
+            match self.write_pdu(i, &want, desired.generation).await {
+                Ok(None) => {}
+                Ok(Some((outlets, requests))) => {
+                    let pdu = self.pdus[i].id;
+                    self.report(Report::Written {
+                        pdu,
+                        generation: desired.generation,
+                        at: Instant::now(),
+                        outlets,
+                        requests,
+                    })
+                    .await;
+                }
+                Err(e) => {
+                    let pdu = self.pdus[i].id;
+                    self.device_failed(DeviceId::Pdu(pdu), e).await;
+                }
+            }
+        }
+    }
+
+    /// Writes one PDU's runs that need it; returns (outlets written, requests) if any.
+    async fn write_pdu(
+        &mut self,
+        i: usize,
+        want: &[bool],
+        generation: u64,
+    ) -> Result<Option<(usize, usize)>, CallError> {
+        let p = self.site.pdu(self.pdus[i].id).clone();
+        let relays = p.profile.relays;
+        let (unit, limit) = (p.endpoint.unit_id, p.endpoint.timeout);
+        let retry_after = self.timing.verify_grace;
+        let now = Instant::now();
+        let plan = &self.pdus[i];
+        // An outlet needs writing if it differs from what was read and no write for the same
+        // state is still waiting to take effect.
+        let needs = |asic: AsicId, outlet: u16| -> Option<bool> {
+            let target = *want.get(asic.0 as usize)?;
+            let seen = plan
+                .relays
+                .as_ref()
+                .and_then(|r| r.get(usize::from(outlet) - 1).copied());
+            if seen == Some(target) {
+                return None;
+            }
+            match plan.unverified.get(&outlet) {
+                Some((w, since)) if *w == target && now.duration_since(*since) < retry_after => {
+                    None
+                }
+                _ => Some(target),
+            }
+        };
+        let mut writes: Vec<(u16, Vec<bool>)> = Vec::new();
+        for run in &plan.runs {
+            let outlets = (run.first_outlet..).zip(&run.asics);
+            let changed: Vec<(u16, bool)> = outlets
+                .clone()
+                .filter_map(|(o, a)| Some((o, needs(*a, o)?)))
+                .collect();
+            if changed.is_empty() {
+                continue;
+            }
+            match relays.write {
+                WriteMode::Multiple => {
+                    // The whole run, absolute: outlets that already agree are written unchanged.
+                    let states = outlets
+                        .map(|(_, a)| want.get(a.0 as usize).copied().unwrap_or(true))
+                        .collect();
+                    writes.push((run.first_outlet, states));
+                }
+                WriteMode::Single => writes.extend(changed.into_iter().map(|(o, s)| (o, vec![s]))),
+            }
+        }
+        if writes.is_empty() {
+            return Ok(None);
+        }
+        let ctx = self
+            .ctx
+            .as_mut()
+            .ok_or_else(|| CallError::Link(DeviceError::Transport("not connected".into())))?;
+        ctx.set_slave(Slave(unit));
+        let (mut outlets, requests) = (0, writes.len());
+        for (first, states) in &writes {
+            let addr = relays.address + (first - 1);
+            match (relays.table, states.as_slice()) {
+                (RelayTable::Coil, [one]) if relays.write == WriteMode::Single => {
+                    call(limit, ctx.write_single_coil(addr, *one)).await?
+                }
+                (RelayTable::Coil, many) => {
+                    call(limit, ctx.write_multiple_coils(addr, many)).await?
+                }
+                (RelayTable::Holding, [one]) if relays.write == WriteMode::Single => {
+                    let word = if *one {
+                        relays.on_value
+                    } else {
+                        relays.off_value
+                    };
+                    call(limit, ctx.write_single_register(addr, word)).await?
+                }
+                (RelayTable::Holding, many) => {
+                    let words: Vec<u16> = many
+                        .iter()
+                        .map(|s| {
+                            if *s {
+                                relays.on_value
+                            } else {
+                                relays.off_value
+                            }
+                        })
+                        .collect();
+                    call(limit, ctx.write_multiple_registers(addr, &words)).await?
+                }
+            }
+            outlets += states.len();
+        }
+        let plan = &mut self.pdus[i];
+        plan.written = generation;
+        let at = Instant::now();
+        for (first, states) in &writes {
+            for (k, s) in states.iter().enumerate() {
+                let outlet = first + k as u16;
+                let seen = plan
+                    .relays
+                    .as_ref()
+                    .and_then(|r| r.get(usize::from(outlet) - 1).copied());
+                if seen != Some(*s) {
+                    plan.unverified.insert(outlet, (*s, at));
+                }
+            }
+        }
+        Ok(Some((outlets, requests)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> Site {
+        site_config::load(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/sites/small.toml"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn runs_never_cover_gpu_feeds_or_empty_outlets() {
+        let site = small();
+        let by_name = |n: &str| match site.device_by_name(n) {
+            Some(DeviceId::Pdu(p)) => p,
+            _ => panic!("{n}"),
+        };
+        assert_eq!(
+            runs(&site, by_name("pdu-gpu")),
+            vec![],
+            "a GPU PDU has nothing to write"
+        );
+        let pdu4 = runs(&site, by_name("pdu-4"));
+        assert_eq!(pdu4.len(), 1);
+        assert_eq!(
+            (pdu4[0].first_outlet, pdu4[0].asics.len()),
+            (1, 6),
+            "outlets 7-8 are empty"
+        );
+        for pdu in &site.pdus {
+            for run in runs(&site, pdu.id) {
+                for (k, asic) in run.asics.iter().enumerate() {
+                    let a = site.asic(*asic);
+                    assert_eq!((a.pdu, a.outlet), (pdu.id, run.first_outlet + k as u16));
+                    for rack in &site.gpu_racks {
+                        assert!(!rack.feeds.contains(&(pdu.id, a.outlet)));
+                    }
+                }
+            }
+        }
+    }
+}
