@@ -131,6 +131,7 @@ pub struct Engine {
     /// Per meter, the latest kW.
     meter_kw: Vec<Option<f64>>,
     gpu_history: VecDeque<(Timestamp, f64)>,
+    other_history: VecDeque<(Timestamp, f64)>,
     last_restore: Option<Timestamp>,
     /// Events announced as active.
     announced: BTreeSet<String>,
@@ -152,6 +153,7 @@ impl Engine {
             faults: BTreeMap::new(),
             meter_kw: vec![None; site.meters.len()],
             gpu_history: VecDeque::new(),
+            other_history: VecDeque::new(),
             last_restore: None,
             announced: BTreeSet::new(),
             generation: 0,
@@ -346,8 +348,12 @@ impl Engine {
                 if let Some(slot) = self.meter_kw.get_mut(meter.0 as usize) {
                     *slot = Some(kw);
                 }
+                let now = Timestamp::now();
                 if self.site.gpu_racks.iter().any(|g| g.meter == meter) {
-                    self.sample_gpu(Timestamp::now());
+                    self.sample_gpu(now);
+                }
+                if meter == self.site.site_meter {
+                    self.sample_other(now);
                 }
                 true
             }
@@ -390,6 +396,20 @@ impl Engine {
         {
             self.gpu_history.pop_front();
         }
+    }
+
+    /// Records the load that is neither ASIC nor GPU: site meter minus both.
+    fn sample_other(&mut self, now: Timestamp) {
+        let (Some(site), Some(asic), Some(gpu)) = (self.site_kw(), self.asic_kw(), self.gpu_kw())
+        else {
+            return;
+        };
+        self.other_history.push_back((now, site - asic - gpu));
+        trim(
+            &mut self.other_history,
+            now,
+            self.site.policy.gpu_peak_window,
+        );
     }
 
     fn site_kw(&self) -> Option<f64> {
@@ -442,6 +462,7 @@ impl Engine {
             site_kw: self.site_kw(),
             asic_kw: self.asic_kw(),
             gpu_kw: self.gpu_history.iter().copied().collect(),
+            other_kw: self.other_history.iter().copied().collect(),
             last_restore: self.last_restore,
         }
     }
@@ -616,6 +637,17 @@ impl Engine {
         }
         self.last_status = Some(status);
         self.last_status_at = Some(Instant::now());
+    }
+}
+
+/// Drops samples older than `window`.
+fn trim(history: &mut VecDeque<(Timestamp, f64)>, now: Timestamp, window: Duration) {
+    let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
+    while history
+        .front()
+        .is_some_and(|(t, _)| now.duration_since(*t) > window)
+    {
+        history.pop_front();
     }
 }
 

@@ -18,7 +18,8 @@
 //!
 //! Shed order: highest priority class first, then least efficient (highest J/TH).
 //! Restore order: the reverse (most efficient first), in batches of the policy's size spaced by
-//! its interval, and only what fits under the budget. Minimum off and on times are honoured;
+//! its interval, and only what fits under the budget with a small deadband to spare (2 % of
+//! the limit), so that noisy readings near the budget cannot switch an ASIC off and on again. Minimum off and on times are honoured;
 //! an emergency directive may switch ASICs off before their minimum on-time.
 
 use jiff::{SignedDuration, Timestamp};
@@ -51,6 +52,10 @@ pub struct Snapshot {
     pub asic_kw: Option<f64>,
     /// Total GPU rack draw over time, oldest first; the peak over the policy window is used.
     pub gpu_kw: Vec<(Timestamp, f64)>,
+    /// Other load (site meter − ASICs − GPU racks) over time, oldest first; a robust mean over
+    /// the policy window is used, since meter and outlet readings are not taken at the same
+    /// instant and single estimates spike while relays switch.
+    pub other_kw: Vec<(Timestamp, f64)>,
     /// When the last restore batch was commanded.
     pub last_restore: Option<Timestamp>,
 }
@@ -70,6 +75,7 @@ impl Snapshot {
             site_kw: None,
             asic_kw: None,
             gpu_kw: Vec::new(),
+            other_kw: Vec::new(),
             last_restore: None,
         }
     }
@@ -168,9 +174,12 @@ impl Planner {
         let gpu_peak_kw =
             gpu_peak(&snap.gpu_kw, now, policy.gpu_peak_window).unwrap_or(self.gpu_rated_kw);
         let gpu_now_kw = snap.gpu_kw.last().map_or(gpu_peak_kw, |(_, kw)| *kw);
-        let other_kw = match (snap.site_kw, snap.asic_kw) {
-            (Some(site_kw), Some(asic_kw)) => (site_kw - asic_kw - gpu_now_kw).max(0.0),
-            _ => 0.0,
+        let other_kw = match robust_mean_since(&snap.other_kw, now, policy.gpu_peak_window) {
+            Some(kw) => kw.max(0.0),
+            None => match (snap.site_kw, snap.asic_kw) {
+                (Some(site_kw), Some(asic_kw)) => (site_kw - asic_kw - gpu_now_kw).max(0.0),
+                _ => 0.0,
+            },
         };
         let mut budget_kw = limit_kw - gpu_peak_kw - other_kw - policy.margin_kw;
         if let Some(shed) = force.shed_kw {
@@ -230,7 +239,9 @@ impl Planner {
                 .last_restore
                 .and_then(|t| until(Some(t), policy.restore_interval))
                 .filter(|t| *t > now);
-            let mut room = budget_kw - on_kw;
+            // Hysteresis: restore only what leaves a little room, so that readings wobbling
+            // around the budget do not switch the same ASIC off and on again.
+            let mut room = budget_kw - on_kw - restore_deadband(limit_kw);
             for &id in &self.restore_order {
                 let s = state(id);
                 if !s.controllable || desired[id.0 as usize] || rated(id) > room + EPS_KW {
@@ -276,9 +287,38 @@ impl Planner {
     }
 }
 
+/// Room kept free when restoring: 2 % of the limit, at least 0.5 kW.
+pub fn restore_deadband(limit_kw: f64) -> f64 {
+    (limit_kw.abs() * 0.02).max(0.5)
+}
+
 /// Shorthand for a one-off plan (builds the orders each call).
 pub fn plan(site: &Site, snapshot: &Snapshot, timeline: &Timeline, now: Timestamp) -> Plan {
     Planner::new(site).plan(site, snapshot, timeline, now)
+}
+
+/// The interquartile mean of the samples within `window` before `now`: robust to the spikes a
+/// skewed reading makes, and steady from one cycle to the next (a median of bimodal noise
+/// flips between the modes).
+pub fn robust_mean_since(
+    samples: &[(Timestamp, f64)],
+    now: Timestamp,
+    window: std::time::Duration,
+) -> Option<f64> {
+    let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
+    let from = now.checked_sub(window).unwrap_or(Timestamp::MIN);
+    let mut v: Vec<f64> = samples
+        .iter()
+        .filter(|(t, kw)| *t >= from && *t <= now && kw.is_finite())
+        .map(|(_, kw)| *kw)
+        .collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let q = v.len() / 4;
+    let middle = &v[q..v.len() - q];
+    Some(middle.iter().sum::<f64>() / middle.len() as f64)
 }
 
 /// The largest GPU draw sampled within `window` before `now`.

@@ -1,10 +1,15 @@
 //! `hil`: the hardware-in-loop harness. It starts firmware-sim for a site file on free loopback
 //! ports and gives tests what they need to drive and inspect it; the tests live in `tests/`.
 //!
+//! - [`broker`]: an embedded rumqttd or a Mosquitto child process on a free loopback port.
+//! - [`rig`]: broker + firmware-sim + controller + a utility client, for end-to-end tests.
 //! - [`site`]: the example site files, loaded.
 //! - [`modbus`]: a tokio-modbus client connected to a simulated device by name.
 //! - [`tools`]: third-party programs (mbpoll, mosquitto) that some tests need: skipped when
 //!   missing, required when `CI=true`.
+
+pub mod broker;
+pub mod rig;
 
 pub mod site {
     use std::path::PathBuf;

@@ -1,0 +1,321 @@
+//! The whole loop on one machine: a broker, firmware-sim serving a site, the controller, and an
+//! MQTT client playing the utility. Everything on free loopback ports; everything stoppable.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use firmware_sim::{Bind, Sim, SimOptions};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use site_config::{BrokerUrl, Site};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::broker::Broker;
+
+/// Which broker a rig runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    Embedded,
+    Mosquitto,
+}
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A message seen by the test client.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub topic: String,
+    pub json: Value,
+    pub at: Instant,
+}
+
+/// An MQTT client for tests: publishes signals, records everything on the topics it watches.
+pub struct Client {
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<Seen>,
+    /// Everything received so far, in order.
+    pub seen: Vec<Seen>,
+    task: JoinHandle<()>,
+}
+
+impl Client {
+    /// Connects to `port` and subscribes to `topics`; returns once the subscriptions are acknowledged.
+    pub async fn connect(port: u16, topics: &[&str]) -> Client {
+        let mut o = MqttOptions::new(unique("hil-utility"), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(5));
+        o.set_max_packet_size(4 << 20, 4 << 20);
+        let (client, mut eventloop) = AsyncClient::new(o, 256);
+        for t in topics {
+            client
+                .subscribe(*t, QoS::AtLeastOnce)
+                .await
+                .expect("queue subscribe");
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let expected = topics.len();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            let mut subacks = 0;
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        subacks += 1;
+                        if subacks >= expected
+                            && let Some(r) = ready.take()
+                        {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let json = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        let _ = tx.send(Seen {
+                            topic: p.topic,
+                            json,
+                            at: Instant::now(),
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("test client subscribed within 10 s")
+            .expect("test client task alive");
+        Client {
+            client,
+            rx,
+            seen: Vec::new(),
+            task,
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("queue publish");
+    }
+
+    /// Waits for a message on `topic` that satisfies `pred`, looking first at what has already
+    /// arrived since `from` (an index into [`Client::seen`]).
+    pub async fn wait_from(
+        &mut self,
+        from: usize,
+        topic: &str,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Seen {
+        if let Some(s) = self.seen[from.min(self.seen.len())..]
+            .iter()
+            .find(|s| s.topic == topic && pred(&s.json))
+        {
+            return s.clone();
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let Ok(Some(s)) = tokio::time::timeout_at(deadline, self.rx.recv()).await else {
+                let last: Vec<&Value> = self
+                    .seen
+                    .iter()
+                    .rev()
+                    .filter(|s| s.topic == topic)
+                    .take(3)
+                    .map(|s| &s.json)
+                    .collect();
+                panic!("no matching message on {topic} within {limit:?}; last seen: {last:#?}");
+            };
+            self.seen.push(s.clone());
+            if s.topic == topic && pred(&s.json) {
+                return s;
+            }
+        }
+    }
+
+    /// Takes in whatever has arrived without waiting.
+    pub fn drain(&mut self) {
+        while let Ok(s) = self.rx.try_recv() {
+            self.seen.push(s);
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A complete hardware-in-loop rig.
+pub struct Rig {
+    pub broker: Broker,
+    pub sim: Sim,
+    /// The site as the controller sees it: the simulator's ports, the test broker.
+    pub site: Site,
+    pub utility: Client,
+    controller: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl Rig {
+    /// Starts broker, simulator and controller for `site_file` (in config/sites), after letting
+    /// `adjust` change the site (shorter policy times for tests, say). Returns `None` when the
+    /// Mosquitto rig is asked for and Mosquitto is not installed (outside CI).
+    pub async fn start(
+        site_file: &str,
+        kind: BrokerKind,
+        adjust: impl FnOnce(&mut Site),
+    ) -> Option<Rig> {
+        let broker = match kind {
+            BrokerKind::Embedded => Broker::embedded().expect("embedded broker starts"),
+            BrokerKind::Mosquitto => Broker::mosquitto()?.expect("mosquitto starts"),
+        };
+        let mut site = crate::site::load(site_file);
+        adjust(&mut site);
+        let options = SimOptions {
+            bind: Bind::Ephemeral,
+            ..SimOptions::default()
+        };
+        let sim = Sim::start(&site, options)
+            .await
+            .expect("firmware-sim starts");
+        let mut site = sim.site().clone();
+        site.mqtt.brokers = vec![BrokerUrl {
+            tls: false,
+            host: "127.0.0.1".into(),
+            port: broker.port(),
+        }];
+        site.mqtt.client_id = unique("gridshed");
+        let watch = [
+            site.mqtt.ack_topic.as_str(),
+            site.mqtt.status_topic.as_str(),
+        ];
+        let utility = Client::connect(broker.port(), &watch).await;
+        let mut rig = Rig {
+            broker,
+            sim,
+            site,
+            utility,
+            controller: None,
+        };
+        rig.start_controller().await;
+        Some(rig)
+    }
+
+    /// Starts the controller and waits until it has published an online status with a plan.
+    pub async fn start_controller(&mut self) {
+        let (tx, rx) = oneshot::channel::<()>();
+        let site = self.site.clone();
+        let handle = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = rx.await;
+            };
+            if let Err(e) = controller::run(site, shutdown).await {
+                panic!("controller failed: {e}");
+            }
+        });
+        self.controller = Some((tx, handle));
+        let from = self.utility.seen.len();
+        let status = self.site.mqtt.status_topic.clone();
+        self.utility
+            .wait_from(from, &status, Duration::from_secs(15), |s| {
+                s["online"] == true
+            })
+            .await;
+    }
+
+    /// Stops the controller gracefully (outlets stay as they are).
+    pub async fn stop_controller(&mut self) {
+        if let Some((tx, handle)) = self.controller.take() {
+            let _ = tx.send(());
+            let _ = handle.await;
+        }
+    }
+
+    /// Publishes `payload` on the site's signal topic of `format`.
+    pub async fn signal(&self, format: site_config::SignalFormat, payload: impl Into<Vec<u8>>) {
+        let topic = &self
+            .site
+            .mqtt
+            .signals
+            .iter()
+            .find(|s| s.format == format)
+            .expect("the site has a topic for this format")
+            .topic;
+        self.utility.publish(topic, payload).await;
+    }
+
+    /// Waits for an acknowledgement with `id` and `status` published after index `from`.
+    pub async fn ack(&mut self, from: usize, id: &str, status: &str, limit: Duration) -> Value {
+        let topic = self.site.mqtt.ack_topic.clone();
+        self.utility
+            .wait_from(from, &topic, limit, |a| {
+                a["id"] == id && a["status"] == status
+            })
+            .await
+            .json
+    }
+
+    /// Site meter reading from the simulator, kW.
+    pub fn site_kw(&self) -> f64 {
+        let name = self.site.meter(self.site.site_meter).name.clone();
+        self.sim.meter_kw(&name).expect("site meter")
+    }
+
+    /// Number of ASIC outlets whose relay is on.
+    pub fn asics_on(&self) -> usize {
+        let mut on = 0;
+        for a in &self.site.asics {
+            let pdu = &self.site.pdu(a.pdu).name;
+            if self.sim.outlets(pdu).expect("pdu")[usize::from(a.outlet) - 1].relay_on {
+                on += 1;
+            }
+        }
+        on
+    }
+
+    /// Writes received by every device that gridshed must never write (GPU rack meters, the
+    /// site meter, PDUs that only feed GPU racks).
+    pub fn protected_writes(&self) -> u64 {
+        self.site
+            .devices()
+            .filter(|d| self.site.is_protected(*d))
+            .map(|d| self.sim.writes(self.site.device_name(d)).expect("device"))
+            .sum()
+    }
+
+    /// Waits until `check` holds on the rig, polling every 10 ms, failing after `limit`.
+    pub async fn until(
+        &self,
+        limit: Duration,
+        what: &str,
+        check: impl Fn(&Rig) -> bool,
+    ) -> Duration {
+        let start = Instant::now();
+        while !check(self) {
+            assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        start.elapsed()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some((tx, handle)) = self.controller.take() {
+            let _ = tx.send(());
+            handle.abort();
+        }
+    }
+}
