@@ -34,8 +34,13 @@ impl Broker {
 
     /// Mosquitto on a free loopback port, or `None` when it is not installed (outside CI).
     pub fn mosquitto() -> Option<io::Result<Broker>> {
+        Self::mosquitto_with("")
+    }
+
+    /// Mosquitto with extra configuration lines (more listeners, TLS, a password file).
+    pub fn mosquitto_with(extra: &str) -> Option<io::Result<Broker>> {
         let bin = crate::tools::require("mosquitto")?;
-        Some(Mosquitto::start(bin, None, "").map(Broker::Mosquitto))
+        Some(Mosquitto::start(bin, None, extra).map(Broker::Mosquitto))
     }
 
     pub fn port(&self) -> u16 {
@@ -58,11 +63,17 @@ impl Broker {
         }
     }
 
-    /// Starts the stopped broker again on the same port.
-    pub fn restart(&mut self) -> io::Result<()> {
+    /// Starts the stopped broker again on the same port. The embedded broker keeps its sessions
+    /// unless `forget_sessions`; Mosquitto (persistence off) always forgets them.
+    pub fn restart(&mut self, forget_sessions: bool) -> io::Result<()> {
         match self {
             Broker::Embedded(b) => {
-                let again = Embedded::start(b.router.clone(), b.addr)?;
+                let router = if forget_sessions {
+                    RouterHandle::spawn()
+                } else {
+                    b.router.clone()
+                };
+                let again = Embedded::start(router, b.addr)?;
                 *b = again;
                 Ok(())
             }
@@ -238,12 +249,18 @@ impl Mosquitto {
             std::env::temp_dir().join(format!("gridshed-mosquitto-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let conf = dir.join("mosquitto.conf");
+        // per_listener_settings must precede every other security setting.
+        let (global, rest): (Vec<&str>, Vec<&str>) = extra
+            .lines()
+            .partition(|l| l.trim_start().starts_with("per_listener_settings"));
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                "{}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
                  log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
-                 {extra}\n"
+                 {}\n",
+                global.join("\n"),
+                rest.join("\n")
             ),
         )?;
         let mut child = Command::new(&bin)

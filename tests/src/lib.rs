@@ -19,6 +19,28 @@ pub mod site {
         PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/sites")).join(name)
     }
 
+    /// The text of an example site with every port (devices and broker URLs) shifted by
+    /// `offset`, so the same site can be served and controlled from a file on free ports.
+    pub fn text_with_port_offset(name: &str, offset: u16, broker_port: u16) -> String {
+        let text = std::fs::read_to_string(path(name)).expect("site file");
+        text.lines()
+            .map(|line| {
+                let t = line.trim_start();
+                if let Some(rest) = t.strip_prefix("port = ") {
+                    let (num, comment) = rest.split_once(' ').unwrap_or((rest, ""));
+                    if let Ok(p) = num.parse::<u16>() {
+                        return format!("port = {} {comment}", p + offset);
+                    }
+                }
+                if t.starts_with("urls = ") {
+                    return format!("urls = [\"mqtt://127.0.0.1:{broker_port}\"]");
+                }
+                line.to_owned()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Loads an example site; panics with the config error (tests only).
     pub fn load(name: &str) -> site_config::Site {
         site_config::load(path(name)).unwrap_or_else(|e| panic!("{e}"))

@@ -158,6 +158,16 @@ impl Drop for Client {
     }
 }
 
+/// Shows the controller's and simulator's logs in test output when RUST_LOG is set.
+pub fn init_logging() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// A complete hardware-in-loop rig.
 pub struct Rig {
     pub broker: Broker,
@@ -181,8 +191,15 @@ impl Rig {
             BrokerKind::Embedded => Broker::embedded().expect("embedded broker starts"),
             BrokerKind::Mosquitto => Broker::mosquitto()?.expect("mosquitto starts"),
         };
-        let mut site = crate::site::load(site_file);
-        adjust(&mut site);
+        Some(Rig::start_on(broker, site_file, adjust).await)
+    }
+
+    /// Like [`Rig::start`] on a broker of the test's making. `adjust` sees the site with the
+    /// simulator's ports and `broker` as its only broker already set, so it may change the MQTT
+    /// settings too (TLS, credentials, a fallback URL).
+    pub async fn start_on(broker: Broker, site_file: &str, adjust: impl FnOnce(&mut Site)) -> Rig {
+        init_logging();
+        let site = crate::site::load(site_file);
         let options = SimOptions {
             bind: Bind::Ephemeral,
             ..SimOptions::default()
@@ -197,6 +214,7 @@ impl Rig {
             port: broker.port(),
         }];
         site.mqtt.client_id = unique("gridshed");
+        adjust(&mut site);
         let watch = [
             site.mqtt.ack_topic.as_str(),
             site.mqtt.status_topic.as_str(),
@@ -210,7 +228,7 @@ impl Rig {
             controller: None,
         };
         rig.start_controller().await;
-        Some(rig)
+        rig
     }
 
     /// Starts the controller and waits until it has published an online status with a plan.
