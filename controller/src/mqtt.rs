@@ -248,11 +248,21 @@ mod tests {
     #[test]
     fn backoff_doubles_from_the_minimum_and_is_capped_with_jitter() {
         let b = Backoff::default();
-        for (failures, base_ms) in [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1000), (40, 1000)] {
+        for (failures, base_ms) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (5, 1000),
+            (40, 1000),
+        ] {
             for _ in 0..50 {
                 let d = b.delay(failures).as_secs_f64() * 1000.0;
                 let base = f64::from(base_ms);
-                assert!(d >= base && d <= base * 1.25 + 1e-6, "attempt {failures}: {d} ms");
+                assert!(
+                    d >= base && d <= base * 1.25 + 1e-6,
+                    "attempt {failures}: {d} ms"
+                );
             }
         }
     }

@@ -8,6 +8,25 @@
 //! - [`tools`]: third-party programs (mbpoll, mosquitto) that some tests need: skipped when
 //!   missing, required when `CI=true`.
 
+/// Generates, for each named `async fn(BrokerKind)` in scope, a module with two tests:
+/// `embedded` (rumqttd in process) and `mosquitto` (skipped when Mosquitto is missing, required
+/// under CI=true).
+#[macro_export]
+macro_rules! on_both_brokers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name($crate::rig::BrokerKind::Embedded).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mosquitto() {
+                super::$name($crate::rig::BrokerKind::Mosquitto).await
+            }
+        }
+    )*};
+}
+
 pub mod broker;
 pub mod rig;
 

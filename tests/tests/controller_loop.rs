@@ -8,20 +8,7 @@ use hil::rig::{BrokerKind, Rig};
 use site_config::{Faults, SignalFormat};
 use tokio::time::Instant;
 
-macro_rules! on_both_brokers {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                super::$name(super::BrokerKind::Embedded).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn mosquitto() {
-                super::$name(super::BrokerKind::Mosquitto).await
-            }
-        }
-    )*};
-}
+use hil::on_both_brokers;
 
 on_both_brokers!(
     an_import_limit_brings_the_site_meter_under_it_within_2_s,
