@@ -2,6 +2,7 @@
 //! ports and gives tests what they need to drive and inspect it; the tests live in `tests/`.
 //!
 //! - [`broker`]: an embedded rumqttd or a Mosquitto child process on a free loopback port.
+//! - [`plot`]: the demo's SVG chart of site, ASIC and GPU power against the limit.
 //! - [`rig`]: broker + firmware-sim + controller + a utility client, for end-to-end tests.
 //! - [`site`]: the example site files, loaded.
 //! - [`modbus`]: a tokio-modbus client connected to a simulated device by name.
@@ -28,6 +29,7 @@ macro_rules! on_both_brokers {
 }
 
 pub mod broker;
+pub mod plot;
 pub mod rig;
 
 pub mod site {
