@@ -21,6 +21,9 @@ pub struct Mark {
     pub label: String,
 }
 
+/// A line: its legend, colour, dash pattern and value.
+type Series = (&'static str, &'static str, &'static str, fn(&Sample) -> f64);
+
 const W: f64 = 1000.0;
 const H: f64 = 520.0;
 const LEFT: f64 = 70.0;
@@ -101,7 +104,7 @@ pub fn svg(title: &str, samples: &[Sample], marks: &[Mark]) -> String {
     }
 
     // Series.
-    let series: [(&str, &str, &str, fn(&Sample) -> f64); 4] = [
+    let series: [Series; 4] = [
         ("import limit", "#d62728", "7 4", |s| s.limit_kw),
         ("site meter", "#1f1f1f", "", |s| s.site_kw),
         ("ASICs", "#ff8c00", "", |s| s.asic_kw),
