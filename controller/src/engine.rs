@@ -132,7 +132,13 @@ pub struct Engine {
     meter_kw: Vec<Option<f64>>,
     gpu_history: VecDeque<(Timestamp, f64)>,
     other_history: VecDeque<(Timestamp, f64)>,
-    last_restore: Option<Timestamp>,
+    last_switch: Option<Timestamp>,
+    /// Until then relays are moving and meter and outlet readings disagree in time: other-load
+    /// estimates taken meanwhile would be spikes, so none are taken.
+    settling_until: Option<Timestamp>,
+    /// The last other-load estimate taken while nothing was switching, for the first plans
+    /// after start-up, before a history exists.
+    last_other: Option<f64>,
     /// Events announced as active.
     announced: BTreeSet<String>,
     generation: u64,
@@ -154,7 +160,9 @@ impl Engine {
             meter_kw: vec![None; site.meters.len()],
             gpu_history: VecDeque::new(),
             other_history: VecDeque::new(),
-            last_restore: None,
+            last_switch: None,
+            settling_until: None,
+            last_other: None,
             announced: BTreeSet::new(),
             generation: 0,
             last_plan: None,
@@ -340,6 +348,10 @@ impl Engine {
                     }
                     t.power_w = power_w.get(i).copied();
                 }
+                if self.other_history.is_empty() {
+                    // Start-up: the first estimate as soon as every reading is in.
+                    self.sample_other(now);
+                }
                 changed
             }
             Report::Meter { meter, kw, .. } => {
@@ -405,6 +417,7 @@ impl Engine {
             return;
         };
         self.other_history.push_back((now, site - asic - gpu));
+        self.last_other = Some(site - asic - gpu);
         trim(
             &mut self.other_history,
             now,
@@ -462,8 +475,14 @@ impl Engine {
             site_kw: self.site_kw(),
             asic_kw: self.asic_kw(),
             gpu_kw: self.gpu_history.iter().copied().collect(),
-            other_kw: self.other_history.iter().copied().collect(),
-            last_restore: self.last_restore,
+            other_kw: if self.other_history.is_empty() {
+                self.last_other
+                    .map(|kw| vec![(Timestamp::now(), kw)])
+                    .unwrap_or_default()
+            } else {
+                self.other_history.iter().copied().collect()
+            },
+            last_switch: self.last_switch,
         }
     }
 
@@ -511,15 +530,19 @@ impl Engine {
                 t.commanded = Some(on);
                 t.since = Some(now);
             }
-            if plan.restored > 0 {
-                self.last_restore = Some(now);
-            }
+            self.last_switch = Some(now);
+            let settle = (self.site.policy.poll_interval * 2).max(Duration::from_secs(1));
+            self.settling_until = now
+                .checked_add(SignedDuration::try_from(settle).unwrap_or_default())
+                .ok();
             let events = self.timeline.in_force(now).events;
             info!(
                 generation = self.generation,
                 off = plan.switched_off,
                 on = plan.restored,
                 budget_kw = format!("{:.1}", plan.budget_kw),
+                gpu_peak_kw = format!("{:.1}", plan.gpu_peak_kw),
+                other_kw = format!("{:.1}", plan.other_kw),
                 limit_kw = plan.limit_kw,
                 shortfall_kw = format!("{:.1}", plan.shortfall_kw),
                 directives = ?events,

@@ -30,6 +30,18 @@ use crate::timeline::Timeline;
 /// Power differences below this are noise (kW).
 const EPS_KW: f64 = 1e-6;
 
+/// Other-load estimates needed within the window before anything is restored.
+pub const MIN_OTHER_SAMPLES: usize = 5;
+
+/// True when the other-load samples are enough to restore on: at least [`MIN_OTHER_SAMPLES`]
+/// within the window, the oldest at least half a window old.
+pub fn is_warm(samples: &[(Timestamp, f64)], now: Timestamp, window: std::time::Duration) -> bool {
+    let half = SignedDuration::try_from(window / 2).unwrap_or(SignedDuration::MAX);
+    let oldest = samples.iter().map(|(t, _)| *t).filter(|t| *t <= now).min();
+    count_since(samples, now, window) >= MIN_OTHER_SAMPLES
+        && oldest.is_some_and(|t| now.duration_since(t) >= half)
+}
+
 /// What the controller knows of one ASIC at the time of a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AsicState {
@@ -54,10 +66,12 @@ pub struct Snapshot {
     pub gpu_kw: Vec<(Timestamp, f64)>,
     /// Other load (site meter − ASICs − GPU racks) over time, oldest first; a robust mean over
     /// the policy window is used, since meter and outlet readings are not taken at the same
-    /// instant and single estimates spike while relays switch.
+    /// instant and single estimates spike while relays switch. None known: 0 (the margin is
+    /// what covers it).
     pub other_kw: Vec<(Timestamp, f64)>,
-    /// When the last restore batch was commanded.
-    pub last_restore: Option<Timestamp>,
+    /// When ASICs were last switched (either way): the next restore batch waits the restore
+    /// interval after it, so batches are spaced and nothing comes back right after a shed.
+    pub last_switch: Option<Timestamp>,
 }
 
 impl Snapshot {
@@ -76,7 +90,7 @@ impl Snapshot {
             asic_kw: None,
             gpu_kw: Vec::new(),
             other_kw: Vec::new(),
-            last_restore: None,
+            last_switch: None,
         }
     }
 }
@@ -99,6 +113,8 @@ pub struct Plan {
     pub shortfall_kw: f64,
     /// GPU peak over the window the budget was computed with.
     pub gpu_peak_kw: f64,
+    /// Other load the budget was computed with.
+    pub other_kw: f64,
     pub switched_off: usize,
     pub restored: usize,
     pub emergency: bool,
@@ -173,14 +189,14 @@ impl Planner {
             .map_or(site.import_limit_kw, |l| l.min(site.import_limit_kw));
         let gpu_peak_kw =
             gpu_peak(&snap.gpu_kw, now, policy.gpu_peak_window).unwrap_or(self.gpu_rated_kw);
-        let gpu_now_kw = snap.gpu_kw.last().map_or(gpu_peak_kw, |(_, kw)| *kw);
-        let other_kw = match robust_mean_since(&snap.other_kw, now, policy.gpu_peak_window) {
-            Some(kw) => kw.max(0.0),
-            None => match (snap.site_kw, snap.asic_kw) {
-                (Some(site_kw), Some(asic_kw)) => (site_kw - asic_kw - gpu_now_kw).max(0.0),
-                _ => 0.0,
-            },
-        };
+        let other_kw = robust_mean_since(&snap.other_kw, now, policy.gpu_peak_window)
+            .unwrap_or(0.0)
+            .max(0.0);
+        // The other-load estimate subtracts GPU readings taken at other instants than the site
+        // meter's, so single estimates are off by up to the GPU swing; only their mean over many
+        // swings is good. Restoring on a young estimate is how ASICs chatter after start-up:
+        // until the samples cover half the window, only shedding is allowed.
+        let warm = is_warm(&snap.other_kw, now, policy.gpu_peak_window);
         let mut budget_kw = limit_kw - gpu_peak_kw - other_kw - policy.margin_kw;
         if let Some(shed) = force.shed_kw {
             budget_kw = budget_kw.min(self.fleet_rated_kw - shed);
@@ -234,14 +250,15 @@ impl Planner {
                 on_kw -= rated(id);
                 switched_off += 1;
             }
-        } else {
+        } else if warm {
             let next_batch = snap
-                .last_restore
+                .last_switch
                 .and_then(|t| until(Some(t), policy.restore_interval))
                 .filter(|t| *t > now);
             // Hysteresis: restore only what leaves a little room, so that readings wobbling
             // around the budget do not switch the same ASIC off and on again.
-            let mut room = budget_kw - on_kw - restore_deadband(limit_kw);
+            let noise = estimate_noise_kw(&snap.other_kw, now, policy.gpu_peak_window);
+            let mut room = budget_kw - on_kw - restore_deadband(limit_kw).max(noise);
             for &id in &self.restore_order {
                 let s = state(id);
                 if !s.controllable || desired[id.0 as usize] || rated(id) > room + EPS_KW {
@@ -280,11 +297,35 @@ impl Planner {
             planned_asic_kw: on_kw,
             shortfall_kw: (on_kw - budget_kw).max(0.0),
             gpu_peak_kw,
+            other_kw,
             switched_off,
             restored,
             emergency: force.emergency,
         }
     }
+}
+
+/// How far the other-load estimate may move from one cycle to the next: three standard errors of
+/// its mean (the spread of single estimates, from their interquartile range, over √n). Restores
+/// keep at least this much room, so the estimate settling cannot undo them.
+pub fn estimate_noise_kw(
+    samples: &[(Timestamp, f64)],
+    now: Timestamp,
+    window: std::time::Duration,
+) -> f64 {
+    let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
+    let from = now.checked_sub(window).unwrap_or(Timestamp::MIN);
+    let mut v: Vec<f64> = samples
+        .iter()
+        .filter(|(t, kw)| *t >= from && *t <= now && kw.is_finite())
+        .map(|(_, kw)| *kw)
+        .collect();
+    if v.len() < 4 {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let iqr = v[v.len() * 3 / 4] - v[v.len() / 4];
+    3.0 * (iqr / 1.35) / (v.len() as f64).sqrt()
 }
 
 /// Room kept free when restoring: 2 % of the limit, at least 0.5 kW.
@@ -319,6 +360,15 @@ pub fn robust_mean_since(
     let q = v.len() / 4;
     let middle = &v[q..v.len() - q];
     Some(middle.iter().sum::<f64>() / middle.len() as f64)
+}
+
+fn count_since(samples: &[(Timestamp, f64)], now: Timestamp, window: std::time::Duration) -> usize {
+    let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
+    let from = now.checked_sub(window).unwrap_or(Timestamp::MIN);
+    samples
+        .iter()
+        .filter(|(t, _)| *t >= from && *t <= now)
+        .count()
 }
 
 /// The largest GPU draw sampled within `window` before `now`.

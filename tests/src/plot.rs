@@ -185,7 +185,7 @@ mod tests {
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
         assert_eq!(s.matches("<path").count(), 4);
         assert!(s.contains("limit &lt;120 kW&gt;") && s.contains("demo &amp; test"));
-        assert!(s.contains(">240<"), "axis reaches past the 200 kW limit");
+        assert!(s.contains(">250<"), "axis reaches past the 200 kW limit");
     }
 
     #[test]
@@ -193,6 +193,6 @@ mod tests {
         assert_eq!(nice_step(7.0), 10.0);
         assert_eq!(nice_step(33.0), 50.0);
         assert_eq!(nice_step(0.3), 0.5);
-        assert_eq!(nice_ceiling(220.0), 240.0);
+        assert_eq!(nice_ceiling(220.0), 250.0);
     }
 }

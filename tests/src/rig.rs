@@ -158,6 +158,16 @@ impl Drop for Client {
     }
 }
 
+/// Policy timings sized for tests: half-second minimum on/off times, batches of 8 every 0.3 s,
+/// and a 6 s GPU window (so estimates are warm 3 s after start-up).
+pub fn fast_policy(site: &mut Site) {
+    site.policy.min_off = Duration::from_millis(500);
+    site.policy.min_on = Duration::from_millis(500);
+    site.policy.restore_interval = Duration::from_millis(300);
+    site.policy.restore_batch_size = 8;
+    site.policy.gpu_peak_window = Duration::from_secs(6);
+}
+
 /// Shows the controller's and simulator's logs in test output when RUST_LOG is set.
 pub fn init_logging() {
     if std::env::var_os("RUST_LOG").is_some() {

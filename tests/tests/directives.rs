@@ -19,10 +19,7 @@ on_both_brokers!(
 const SECOND: Duration = Duration::from_secs(1);
 
 fn quick(site: &mut site_config::Site) {
-    site.policy.min_off = Duration::from_millis(500);
-    site.policy.min_on = Duration::from_millis(500);
-    site.policy.restore_interval = Duration::from_millis(300);
-    site.policy.restore_batch_size = 8;
+    hil::rig::fast_policy(site);
 }
 
 /// Rated kW of the ASICs whose relay is off.
@@ -178,7 +175,10 @@ async fn gpu_oscillation_does_not_make_asics_chatter(kind: BrokerKind) {
     rig.until(2 * SECOND, "under 130 kW", |r| r.site_kw() < 130.0)
         .await;
     tokio::time::sleep(SECOND).await;
+    // Chatter is switching back and forth. The other-load estimate may still converge in the
+    // first seconds after start-up and shed one more ASIC once; nothing may come back on.
     let settled = rig.sim.total_toggles();
+    let mut on = rig.asics_on();
     let end = Instant::now() + 6 * SECOND;
     while Instant::now() < end {
         assert!(
@@ -186,11 +186,17 @@ async fn gpu_oscillation_does_not_make_asics_chatter(kind: BrokerKind) {
             "{:.1} kW over the limit",
             rig.site_kw()
         );
+        let now_on = rig.asics_on();
+        assert!(
+            now_on <= on,
+            "an ASIC came back on while only the GPU load swung"
+        );
+        on = now_on;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        rig.sim.total_toggles(),
-        settled,
-        "relays toggled while only the GPU load swung"
+    let toggles = rig.sim.total_toggles() - settled;
+    assert!(
+        toggles <= 1,
+        "relays toggled {toggles} times while only the GPU load swung"
     );
 }

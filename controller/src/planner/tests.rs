@@ -2,6 +2,7 @@ use super::*;
 use crate::signal::{Action, Directive, Signal};
 use proptest::prelude::*;
 use site_config::SignalFormat;
+use std::time::Duration;
 
 fn site() -> Site {
     site_config::load(concat!(
@@ -46,8 +47,10 @@ fn snapshot(
         gpu_kw: (0..60)
             .map(|s| (now - SignedDuration::from_secs(60 - s), gpu))
             .collect(),
-        other_kw: Vec::new(),
-        last_restore: None,
+        other_kw: (1..=30)
+            .map(|s| (now - SignedDuration::from_secs(s), 5.0))
+            .collect(),
+        last_switch: None,
     }
 }
 
@@ -156,7 +159,7 @@ fn restore_comes_in_batches_most_efficient_first_spaced_by_the_interval() {
         assert_eq!(restored, ids, "at {now}s");
         assert_eq!(p.next_wake, wake.map(at), "at {now}s");
         if !restored.is_empty() {
-            snap.last_restore = Some(at(now));
+            snap.last_switch = Some(at(now));
             for id in &restored {
                 snap.asics[*id as usize] = AsicState {
                     on: true,
@@ -400,4 +403,57 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn nothing_comes_back_within_the_restore_interval_after_a_shed() {
+    let site = site();
+    // Everything off long enough, but the last switch (a shed) was 1 s ago; interval 2 s.
+    let mut snap = snapshot(&site, |_| false, Some(at(-60)), 50.0, at(0));
+    snap.last_switch = Some(at(-1));
+    let p = plan(&site, &snap, &Timeline::new(), at(0));
+    assert_eq!(p.changes(&snap).count(), 0);
+    assert_eq!(p.next_wake, Some(at(1)));
+}
+
+#[test]
+fn nothing_is_restored_until_the_other_load_estimate_is_warm() {
+    let site = site();
+    let restores = |snap: &Snapshot| {
+        plan(&site, snap, &Timeline::new(), at(0))
+            .changes(snap)
+            .count()
+    };
+    // small.toml's window is 30 s: estimates must reach 15 s back, and be at least five.
+    let mut snap = snapshot(&site, |_| false, None, 50.0, at(0));
+    snap.other_kw = (1..=14).map(|s| (at(-s), 5.0)).collect();
+    assert_eq!(restores(&snap), 0, "too young");
+    snap.other_kw = vec![(at(-20), 5.0), (at(-1), 5.0)];
+    assert_eq!(restores(&snap), 0, "too few");
+    snap.other_kw = (1..=15).map(|s| (at(-s), 5.0)).collect();
+    assert!(restores(&snap) > 0);
+}
+
+#[test]
+fn noisy_other_load_estimates_widen_the_restore_deadband() {
+    let site = site();
+    let mut snap = snapshot(&site, |i| i < 20, None, 50.0, at(0));
+    let quiet = plan(&site, &snap, &Timeline::new(), at(0)).planned_asic_kw;
+    // Same mean (5 kW), but single estimates scattered by ±6 kW.
+    snap.other_kw = (1..=16)
+        .map(|s| (at(-s), if s % 2 == 0 { 11.0 } else { -1.0 }))
+        .collect();
+    assert!(estimate_noise_kw(&snap.other_kw, at(0), Duration::from_secs(30)) > 4.0);
+    let limit = timeline(Action::ImportLimit { kw: 140.0 }, false);
+    let noisy = plan(&site, &snap, &limit, at(0));
+    let calm = {
+        let mut s = snap.clone();
+        s.other_kw = (1..=16).map(|s| (at(-s), 5.0)).collect();
+        plan(&site, &s, &limit, at(0))
+    };
+    assert!(
+        noisy.planned_asic_kw < calm.planned_asic_kw,
+        "noise leaves more room"
+    );
+    assert!(quiet > 0.0);
 }
