@@ -79,6 +79,8 @@ pub struct Status {
     /// Rated kW of ASICs still on that could be switched off.
     pub sheddable_kw: f64,
     pub shortfall_kw: f64,
+    /// Why ASICs that are off are not coming back yet (none when nothing is held).
+    pub restore_held: Option<crate::planner::Hold>,
     pub asics_on: usize,
     pub asics_off: usize,
     pub directives: Vec<String>,
@@ -118,11 +120,23 @@ pub struct Io {
     pub desired: watch::Sender<Desired>,
 }
 
-/// How often plans may be recomputed because of readings alone (signals plan at once).
+/// How soon a plan follows a change of device state (signals plan at once).
 const READINGS_REPLAN: Duration = Duration::from_millis(100);
+
+/// How soon a report calls for a new plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Urgency {
+    None,
+    /// New meter readings: the budget moves a little; once a poll interval is enough.
+    Readings,
+    /// A relay moved unbidden or a device faulted or recovered: soon.
+    State,
+}
 
 pub struct Engine {
     site: Arc<Site>,
+    /// The ASICs of each PDU, by PDU index: readings arrive per PDU.
+    asics_by_pdu: Vec<Vec<site_config::AsicId>>,
     planner: Planner,
     timeline: Timeline,
     asics: Vec<AsicTrack>,
@@ -136,6 +150,11 @@ pub struct Engine {
     /// Until then relays are moving and meter and outlet readings disagree in time: other-load
     /// estimates taken meanwhile would be spikes, so none are taken.
     settling_until: Option<Timestamp>,
+    /// Which devices (PDUs, then meters) have reported since the last switch: other-load
+    /// estimates need every reading, the site meter's included, to be newer than the last
+    /// switch, or they mix the site before and after it.
+    reported_since_switch: Vec<bool>,
+    reported_count: usize,
     /// The last other-load estimate taken while nothing was switching, for the first plans
     /// after start-up, before a history exists.
     last_other: Option<f64>,
@@ -152,7 +171,12 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(site: Arc<Site>) -> Engine {
+        let mut asics_by_pdu = vec![Vec::new(); site.pdus.len()];
+        for a in &site.asics {
+            asics_by_pdu[a.pdu.0 as usize].push(a.id);
+        }
         Engine {
+            asics_by_pdu,
             planner: Planner::new(&site),
             timeline: Timeline::new(),
             asics: vec![AsicTrack::default(); site.asics.len()],
@@ -162,6 +186,8 @@ impl Engine {
             other_history: VecDeque::new(),
             last_switch: None,
             settling_until: None,
+            reported_since_switch: vec![false; site.pdus.len() + site.meters.len()],
+            reported_count: 0,
             last_other: None,
             announced: BTreeSet::new(),
             generation: 0,
@@ -181,6 +207,7 @@ impl Engine {
     /// Runs until `cancel`. Field devices are left exactly as they are.
     pub async fn run(mut self, mut io: Io, cancel: CancellationToken) {
         let mut replan_at: Option<Instant> = Some(Instant::now());
+        let mut last_cycle = Instant::now();
         let mut wake_at = Instant::now() + self.site.mqtt.status_interval;
         loop {
             let next = replan_at.map_or(wake_at, |r| r.min(wake_at));
@@ -199,14 +226,19 @@ impl Engine {
                     }
                 },
                 Some(report) = io.reports.recv() => {
-                    let mut changed = self.on_report(report);
+                    let mut urgency = self.on_report(report);
                     // Drain what is already queued: one plan for a burst of readings.
                     while let Ok(r) = io.reports.try_recv() {
-                        changed |= self.on_report(r);
+                        urgency = urgency.max(self.on_report(r));
                     }
-                    if changed {
-                        let soon = Instant::now() + READINGS_REPLAN;
-                        replan_at = Some(replan_at.map_or(soon, |r| r.min(soon)));
+                    let at = match urgency {
+                        Urgency::None => None,
+                        // Meter readings move the budget a little all the time: once a poll.
+                        Urgency::Readings => Some(last_cycle + self.site.policy.poll_interval),
+                        Urgency::State => Some(Instant::now() + READINGS_REPLAN),
+                    };
+                    if let Some(at) = at {
+                        replan_at = Some(replan_at.map_or(at, |r| r.min(at)));
                     }
                 }
                 _ = tokio::time::sleep_until(next) => {}
@@ -214,6 +246,7 @@ impl Engine {
             let now = Instant::now();
             if replan_at.is_some_and(|r| r <= now) || wake_at <= now {
                 replan_at = None;
+                last_cycle = now;
                 let wake = self.cycle(&io.outbound, &io.desired).await;
                 wake_at = now + wake;
             }
@@ -318,8 +351,8 @@ impl Engine {
         }
     }
 
-    /// Takes in one report; true if it may change the plan.
-    fn on_report(&mut self, report: Report) -> bool {
+    /// Takes in one report; says how soon the plan should be looked at again.
+    fn on_report(&mut self, report: Report) -> Urgency {
         match report {
             Report::Pdu {
                 pdu,
@@ -335,7 +368,8 @@ impl Engine {
                 }
                 let now = Timestamp::now();
                 let mut changed = cleared;
-                for a in self.site.asics.iter().filter(|a| a.pdu == pdu) {
+                for &id in &self.asics_by_pdu[pdu.0 as usize] {
+                    let a = self.site.asic(id);
                     let i = usize::from(a.outlet) - 1;
                     let t = &mut self.asics[a.id.0 as usize];
                     let seen = relays.get(i).copied();
@@ -352,9 +386,14 @@ impl Engine {
                     // Start-up: the first estimate as soon as every reading is in.
                     self.sample_other(now);
                 }
-                changed
+                if changed {
+                    Urgency::State
+                } else {
+                    Urgency::None
+                }
             }
             Report::Meter { meter, kw, .. } => {
+                self.mark_reported(DeviceId::Meter(meter));
                 self.heard.insert(DeviceId::Meter(meter));
                 self.faults.remove(&DeviceId::Meter(meter));
                 if let Some(slot) = self.meter_kw.get_mut(meter.0 as usize) {
@@ -367,17 +406,20 @@ impl Engine {
                 if meter == self.site.site_meter {
                     self.sample_other(now);
                 }
-                true
+                Urgency::Readings
             }
-            Report::Written { .. } => false,
+            Report::Written { .. } => Urgency::None,
             Report::Fault { device, error, .. } => {
+                self.mark_reported(device);
                 self.heard.insert(device);
                 let name = self.site.device_name(device).to_owned();
                 let fresh = self.faults.insert(device, error.clone()).as_ref() != Some(&error);
                 if fresh {
                     warn!(device = %name, %error, "device faulted");
+                    Urgency::State
+                } else {
+                    Urgency::None
                 }
-                fresh
             }
         }
     }
@@ -407,6 +449,19 @@ impl Engine {
             .is_some_and(|(t, _)| now.duration_since(*t) > window)
         {
             self.gpu_history.pop_front();
+        }
+    }
+
+    fn mark_reported(&mut self, device: DeviceId) {
+        let i = match device {
+            DeviceId::Pdu(p) => p.0 as usize,
+            DeviceId::Meter(m) => self.site.pdus.len() + m.0 as usize,
+        };
+        if let Some(seen) = self.reported_since_switch.get_mut(i)
+            && !*seen
+        {
+            *seen = true;
+            self.reported_count += 1;
         }
     }
 
@@ -531,6 +586,8 @@ impl Engine {
                 t.since = Some(now);
             }
             self.last_switch = Some(now);
+            self.reported_since_switch.fill(false);
+            self.reported_count = 0;
             let settle = (self.site.policy.poll_interval * 2).max(Duration::from_secs(1));
             self.settling_until = now
                 .checked_add(SignedDuration::try_from(settle).unwrap_or_default())
@@ -567,6 +624,9 @@ impl Engine {
             if self.announced.insert(id.clone()) {
                 self.ack(out, Some(id), AckStatus::Active, None).await;
             }
+        }
+        if plan.held.is_some() {
+            debug!(held = ?plan.held, budget_kw = plan.budget_kw, on_kw = plan.planned_asic_kw, "restore held");
         }
         let wake = plan
             .next_wake
@@ -612,6 +672,7 @@ impl Engine {
             shed_kw: round1(shed_kw),
             sheddable_kw: round1(sheddable_kw),
             shortfall_kw: round1(plan.map_or(0.0, |p| p.shortfall_kw)),
+            restore_held: plan.and_then(|p| p.held),
             asics_on: on,
             asics_off: snap_on.len() - on,
             directives: self.timeline.in_force(now).events,

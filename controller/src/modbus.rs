@@ -108,6 +108,9 @@ pub fn runs(site: &Site, pdu: PduId) -> Vec<Run> {
     out
 }
 
+/// Into how many groups the endpoints' polls are spread over the poll interval.
+const POLL_PHASES: u32 = 8;
+
 /// Timing of the Modbus side.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -148,7 +151,13 @@ pub fn spawn_endpoints(
             .push(id);
     }
     let mut set = tokio::task::JoinSet::new();
-    for ((host, port), devices) in groups {
+    let n = groups.len().max(1) as u32;
+    for (k, ((host, port), devices)) in groups.into_iter().enumerate() {
+        // Spread the endpoints' polls over the interval: hundreds of PDUs polled in the same
+        // instant would make a burst that a shed arriving then has to queue behind.
+        // Eight phases: bursts small enough not to delay a shed, few enough that the wake-ups
+        // of a poll round are shared (polling each endpoint at its own instant costs more CPU).
+        let phase = timing.poll_interval * ((k as u32 * POLL_PHASES) / n) / POLL_PHASES;
         let task = Endpoint::new(
             site.clone(),
             host,
@@ -158,7 +167,7 @@ pub fn spawn_endpoints(
             desired.clone(),
             reports.clone(),
         );
-        set.spawn(task.run(cancel.clone()));
+        set.spawn(task.run(phase, cancel.clone()));
     }
     set
 }
@@ -247,8 +256,8 @@ impl Endpoint {
         }
     }
 
-    async fn run(mut self, cancel: CancellationToken) {
-        let mut poll = tokio::time::interval(self.timing.poll_interval);
+    async fn run(mut self, phase: Duration, cancel: CancellationToken) {
+        let mut poll = tokio::time::interval_at(Instant::now() + phase, self.timing.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Cancel-safe: each branch only wakes us; the work happens after the select.
@@ -387,6 +396,10 @@ impl Endpoint {
         for i in 0..self.pdus.len() {
             if self.ctx.is_none() {
                 return;
+            }
+            // A new plan goes before the rest of the poll (behind a gateway with many PDUs).
+            if self.desired.has_changed().unwrap_or(false) {
+                self.actuate().await;
             }
             let pdu = self.pdus[i].id;
             match self.read_pdu(pdu).await {
@@ -624,14 +637,15 @@ impl Endpoint {
                 .relays
                 .as_ref()
                 .and_then(|r| r.get(usize::from(outlet) - 1).copied());
-            if seen == Some(target) {
-                return None;
+            // What the relay should be now: the last write not yet read back, else the reading.
+            let pending = plan.unverified.get(&outlet);
+            if pending.map(|(w, _)| *w).or(seen) != Some(target) {
+                return Some(target);
             }
-            match plan.unverified.get(&outlet) {
-                Some((w, since)) if *w == target && now.duration_since(*since) < retry_after => {
-                    None
-                }
-                _ => Some(target),
+            match pending {
+                // Written but still not seen to follow: write again (a lost or ignored write).
+                Some((_, since)) if now.duration_since(*since) >= retry_after => Some(target),
+                _ => None,
             }
         };
         let mut writes: Vec<(u16, Vec<bool>)> = Vec::new();
@@ -707,7 +721,11 @@ impl Endpoint {
                     .relays
                     .as_ref()
                     .and_then(|r| r.get(usize::from(outlet) - 1).copied());
-                if seen != Some(*s) {
+                // The newest write is the one to verify: a write that undoes an earlier one
+                // before it was read back must not leave the earlier one waiting forever.
+                if seen == Some(*s) {
+                    plan.unverified.remove(&outlet);
+                } else {
                     plan.unverified.insert(outlet, (*s, at));
                 }
             }

@@ -33,12 +33,19 @@ const EPS_KW: f64 = 1e-6;
 /// Other-load estimates needed within the window before anything is restored.
 pub const MIN_OTHER_SAMPLES: usize = 5;
 
-/// True when the other-load samples are enough to restore on: at least [`MIN_OTHER_SAMPLES`]
-/// within the window, the oldest at least half a window old.
-pub fn is_warm(samples: &[(Timestamp, f64)], now: Timestamp, window: std::time::Duration) -> bool {
+/// True when the other-load samples are enough to restore on: the oldest at least half a
+/// window old, and at least [`MIN_OTHER_SAMPLES`] of them within the window (fewer if the window
+/// holds fewer polls: a quarter of what it can hold, at least one).
+pub fn is_warm(
+    samples: &[(Timestamp, f64)],
+    now: Timestamp,
+    window: std::time::Duration,
+    poll: std::time::Duration,
+) -> bool {
     let half = SignedDuration::try_from(window / 2).unwrap_or(SignedDuration::MAX);
     let oldest = samples.iter().map(|(t, _)| *t).filter(|t| *t <= now).min();
-    count_since(samples, now, window) >= MIN_OTHER_SAMPLES
+    let fits = (window.as_secs_f64() / poll.as_secs_f64().max(1e-3) / 4.0) as usize;
+    samples.iter().filter(|(t, _)| *t <= now).count() >= MIN_OTHER_SAMPLES.min(fits.max(1))
         && oldest.is_some_and(|t| now.duration_since(t) >= half)
 }
 
@@ -117,6 +124,8 @@ pub struct Plan {
     pub other_kw: f64,
     pub switched_off: usize,
     pub restored: usize,
+    /// Why ASICs that are off were not restored this cycle, if any were held back.
+    pub held: Option<Hold>,
     pub emergency: bool,
 }
 
@@ -133,6 +142,20 @@ impl Plan {
             .filter(|(_, (want, have))| **want != have.on)
             .map(|(i, (want, _))| (AsicId(i as u32), *want))
     }
+}
+
+/// What holds a restore back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hold {
+    /// They would not fit under the budget (with the deadband to spare).
+    NoRoom,
+    /// They have not been off for `min_off_s` yet.
+    MinOff,
+    /// The last switch was less than `restore_interval_s` ago.
+    Interval,
+    /// The other-load estimate is too young to restore on.
+    EstimateWarmingUp,
 }
 
 /// The site's shed and restore orders, computed once.
@@ -189,14 +212,15 @@ impl Planner {
             .map_or(site.import_limit_kw, |l| l.min(site.import_limit_kw));
         let gpu_peak_kw =
             gpu_peak(&snap.gpu_kw, now, policy.gpu_peak_window).unwrap_or(self.gpu_rated_kw);
-        let other_kw = robust_mean_since(&snap.other_kw, now, policy.gpu_peak_window)
+        let others = other_samples(&snap.other_kw, now, policy.gpu_peak_window);
+        let other_kw = robust_mean_since(&others, now, std::time::Duration::MAX)
             .unwrap_or(0.0)
             .max(0.0);
         // The other-load estimate subtracts GPU readings taken at other instants than the site
         // meter's, so single estimates are off by up to the GPU swing; only their mean over many
         // swings is good. Restoring on a young estimate is how ASICs chatter after start-up:
         // until the samples cover half the window, only shedding is allowed.
-        let warm = is_warm(&snap.other_kw, now, policy.gpu_peak_window);
+        let warm = is_warm(&others, now, policy.gpu_peak_window, policy.poll_interval);
         let mut budget_kw = limit_kw - gpu_peak_kw - other_kw - policy.margin_kw;
         if let Some(shed) = force.shed_kw {
             budget_kw = budget_kw.min(self.fleet_rated_kw - shed);
@@ -231,6 +255,7 @@ impl Planner {
         };
 
         let (mut switched_off, mut restored) = (0, 0);
+        let mut held = None;
         if on_kw > budget_kw + EPS_KW {
             for &id in &self.shed_order {
                 if on_kw <= budget_kw + EPS_KW {
@@ -250,27 +275,35 @@ impl Planner {
                 on_kw -= rated(id);
                 switched_off += 1;
             }
-        } else if warm {
+        } else if !warm {
+            held = Some(Hold::EstimateWarmingUp);
+        } else {
             let next_batch = snap
                 .last_switch
                 .and_then(|t| until(Some(t), policy.restore_interval))
                 .filter(|t| *t > now);
             // Hysteresis: restore only what leaves a little room, so that readings wobbling
             // around the budget do not switch the same ASIC off and on again.
-            let noise = estimate_noise_kw(&snap.other_kw, now, policy.gpu_peak_window);
+            let noise = estimate_noise_kw(&others, now, std::time::Duration::MAX);
             let mut room = budget_kw - on_kw - restore_deadband(limit_kw).max(noise);
             for &id in &self.restore_order {
                 let s = state(id);
-                if !s.controllable || desired[id.0 as usize] || rated(id) > room + EPS_KW {
+                if !s.controllable || desired[id.0 as usize] {
+                    continue;
+                }
+                if rated(id) > room + EPS_KW {
+                    held = held.or(Some(Hold::NoRoom));
                     continue;
                 }
                 if !served(s.since, policy.min_off) {
+                    held = Some(Hold::MinOff);
                     if let Some(t) = until(s.since, policy.min_off) {
                         wake_at(t);
                     }
                     continue;
                 }
                 if let Some(t) = next_batch {
+                    held = Some(Hold::Interval);
                     wake_at(t);
                     break;
                 }
@@ -300,6 +333,7 @@ impl Planner {
             other_kw,
             switched_off,
             restored,
+            held: if restored > 0 { None } else { held },
             emergency: force.emergency,
         }
     }
@@ -362,13 +396,27 @@ pub fn robust_mean_since(
     Some(middle.iter().sum::<f64>() / middle.len() as f64)
 }
 
-fn count_since(samples: &[(Timestamp, f64)], now: Timestamp, window: std::time::Duration) -> usize {
+/// The other-load samples to estimate from: those within the window, or, when a burst of
+/// switching left fewer than [`MIN_OTHER_SAMPLES`] there, the latest that many whatever their
+/// age (other load moves slowly; an estimate does not expire because relays were busy).
+pub fn other_samples(
+    samples: &[(Timestamp, f64)],
+    now: Timestamp,
+    window: std::time::Duration,
+) -> Vec<(Timestamp, f64)> {
     let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
     let from = now.checked_sub(window).unwrap_or(Timestamp::MIN);
-    samples
+    let past: Vec<(Timestamp, f64)> = samples
         .iter()
-        .filter(|(t, _)| *t >= from && *t <= now)
-        .count()
+        .copied()
+        .filter(|(t, kw)| *t <= now && kw.is_finite())
+        .collect();
+    let recent: Vec<(Timestamp, f64)> = past.iter().copied().filter(|(t, _)| *t >= from).collect();
+    if recent.len() >= MIN_OTHER_SAMPLES {
+        recent
+    } else {
+        past[past.len().saturating_sub(MIN_OTHER_SAMPLES)..].to_vec()
+    }
 }
 
 /// The largest GPU draw sampled within `window` before `now`.

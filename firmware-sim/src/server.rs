@@ -83,6 +83,8 @@ pub(crate) struct SimDevice {
     writes: AtomicU64,
     /// Every request received.
     requests: AtomicU64,
+    /// When the last write was answered successfully (for latency measurements).
+    last_write: Mutex<Option<Instant>>,
 }
 
 impl SimDevice {
@@ -235,6 +237,15 @@ impl Sim {
         Ok(self.device(name)?.writes.load(Ordering::Relaxed))
     }
 
+    /// When the device last answered a write successfully.
+    pub fn last_write(&self, name: &str) -> Result<Option<Instant>, SimError> {
+        Ok(*self
+            .device(name)?
+            .last_write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// Requests of any kind the device has received.
     pub fn requests(&self, name: &str) -> Result<u64, SimError> {
         Ok(self.device(name)?.requests.load(Ordering::Relaxed))
@@ -277,6 +288,41 @@ impl Sim {
                 reason: "is a PDU, not a meter".into(),
             }),
         }
+    }
+
+    /// ASIC outlets whose relay is off, over all PDUs (no allocation: cheap to poll).
+    pub fn asic_relays_off(&self) -> usize {
+        self.devices
+            .iter()
+            .map(|d| match &*d.state() {
+                Device::Pdu(p) => p
+                    .outlets()
+                    .iter()
+                    .filter(|o| matches!(o.load, Load::Asic { .. }) && !o.relay_on)
+                    .count(),
+                Device::Meter(_) => 0,
+            })
+            .sum()
+    }
+
+    /// The latest successful write answered by any device after `since`.
+    pub fn last_write_since(&self, since: Instant) -> Option<Instant> {
+        self.devices
+            .iter()
+            .filter_map(|d| *d.last_write.lock().unwrap_or_else(|e| e.into_inner()))
+            .filter(|t| *t >= since)
+            .max()
+    }
+
+    /// A PDU's outlets that are off (1-based numbers).
+    pub fn outlets_off(&self, pdu: &str) -> Result<Vec<u16>, SimError> {
+        Ok(self
+            .outlets(pdu)?
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| !o.relay_on)
+            .map(|(i, _)| i as u16 + 1)
+            .collect())
     }
 
     /// Total relay toggles over all PDUs: a measure of chatter.
@@ -407,6 +453,7 @@ fn build_devices(site: &Site) -> Result<Vec<Arc<SimDevice>>, SimError> {
             faults: Mutex::new(faults),
             writes: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            last_write: Mutex::new(None),
         }));
     }
     Ok(out)
@@ -564,7 +611,11 @@ impl tokio_modbus::server::Service for EndpointService {
             if let Some(code) = faults.exception {
                 return Err(ExceptionCode::new(code));
             }
-            handler::handle(&mut device.state(), &req.request).map(Some)
+            let answer = handler::handle(&mut device.state(), &req.request).map(Some);
+            if answer.is_ok() && handler::is_write(&req.request) {
+                *device.last_write.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            }
+            answer
         })
     }
 }
