@@ -407,22 +407,15 @@ impl Endpoint {
                     let at = Instant::now();
                     let stuck = self.verify(i, &relays, at);
                     self.pdus[i].relays = Some(relays.clone());
-                    if stuck.is_empty() {
-                        self.report(Report::Pdu {
-                            pdu,
-                            at,
-                            relays,
-                            power_w,
-                        })
-                        .await;
-                    } else {
-                        self.report(Report::Pdu {
-                            pdu,
-                            at,
-                            relays,
-                            power_w,
-                        })
-                        .await;
+                    self.report(Report::Pdu {
+                        pdu,
+                        at,
+                        relays,
+                        power_w,
+                    })
+                    .await;
+                    // After the reading, so that the fault is what the engine keeps.
+                    if !stuck.is_empty() {
                         self.report(Report::Fault {
                             device: DeviceId::Pdu(pdu),
                             at,

@@ -347,13 +347,7 @@ pub fn estimate_noise_kw(
     now: Timestamp,
     window: std::time::Duration,
 ) -> f64 {
-    let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
-    let from = now.checked_sub(window).unwrap_or(Timestamp::MIN);
-    let mut v: Vec<f64> = samples
-        .iter()
-        .filter(|(t, kw)| *t >= from && *t <= now && kw.is_finite())
-        .map(|(_, kw)| *kw)
-        .collect();
+    let mut v: Vec<f64> = within(samples, now, window).collect();
     if v.len() < 4 {
         return 0.0;
     }
@@ -372,6 +366,20 @@ pub fn plan(site: &Site, snapshot: &Snapshot, timeline: &Timeline, now: Timestam
     Planner::new(site).plan(site, snapshot, timeline, now)
 }
 
+/// The finite values sampled within `window` before `now`.
+fn within(
+    samples: &[(Timestamp, f64)],
+    now: Timestamp,
+    window: std::time::Duration,
+) -> impl Iterator<Item = f64> + '_ {
+    let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
+    let from = now.checked_sub(window).unwrap_or(Timestamp::MIN);
+    samples
+        .iter()
+        .filter(move |(t, kw)| *t >= from && *t <= now && kw.is_finite())
+        .map(|(_, kw)| *kw)
+}
+
 /// The interquartile mean of the samples within `window` before `now`: robust to the spikes a
 /// skewed reading makes, and steady from one cycle to the next (a median of bimodal noise
 /// flips between the modes).
@@ -380,13 +388,7 @@ pub fn robust_mean_since(
     now: Timestamp,
     window: std::time::Duration,
 ) -> Option<f64> {
-    let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
-    let from = now.checked_sub(window).unwrap_or(Timestamp::MIN);
-    let mut v: Vec<f64> = samples
-        .iter()
-        .filter(|(t, kw)| *t >= from && *t <= now && kw.is_finite())
-        .map(|(_, kw)| *kw)
-        .collect();
+    let mut v: Vec<f64> = within(samples, now, window).collect();
     if v.is_empty() {
         return None;
     }
@@ -425,13 +427,7 @@ pub fn gpu_peak(
     now: Timestamp,
     window: std::time::Duration,
 ) -> Option<f64> {
-    let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
-    let from = now.checked_sub(window).unwrap_or(Timestamp::MIN);
-    samples
-        .iter()
-        .filter(|(t, kw)| *t >= from && *t <= now && kw.is_finite())
-        .map(|(_, kw)| *kw)
-        .reduce(f64::max)
+    within(samples, now, window).reduce(f64::max)
 }
 
 #[cfg(test)]
