@@ -132,7 +132,7 @@ async fn a_release_restores_asics_in_batches_never_past_the_limit(kind: BrokerKi
     // Record every change in the number of ASICs on until the restore settles. (The first
     // batch may wait for the controller's other-load estimate to be warm after start-up.)
     let mut steps: Vec<(Instant, usize)> = vec![(Instant::now(), 0)];
-    rig.until(10 * SECOND, "the restore begins", |r| r.asics_on() > 0)
+    rig.until(15 * SECOND, "the restore begins", |r| r.asics_on() > 0)
         .await;
     let deadline = Instant::now() + 20 * SECOND;
     let mut quiet_since = Instant::now();
@@ -209,7 +209,7 @@ async fn an_openadr_capacity_limit_event_is_followed_and_delete_ends_it(kind: Br
     )
     .await;
     rig.ack(from, "oadr-1", "completed", 2 * SECOND).await;
-    rig.until(3 * SECOND, "ASICs coming back", |r| {
+    rig.until(15 * SECOND, "ASICs coming back", |r| {
         r.site.asics.len() - r.asics_on() < off
     })
     .await;
@@ -259,7 +259,7 @@ async fn maestro_target_0_curtails_every_asic_and_100_brings_them_back(kind: Bro
     )
     .await;
     rig.ack(from, "maestro", "completed", 2 * SECOND).await;
-    rig.until(5 * SECOND, "ASICs coming back", |r| r.asics_on() > 0)
+    rig.until(15 * SECOND, "ASICs coming back", |r| r.asics_on() > 0)
         .await;
     assert_eq!(rig.protected_writes(), 0);
 }
