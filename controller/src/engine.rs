@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
-use site_config::{DeviceId, Site};
+use site_config::{DeviceId, Site, StalePolicy};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +19,7 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::modbus::{Desired, DeviceError, Report};
 use crate::planner::{AsicState, Plan, Planner, Snapshot};
-use crate::signal::{self, Signal};
+use crate::signal::{self, Action, Directive, Signal};
 use crate::timeline::{Applied, Timeline};
 
 /// What the transport delivers to the engine.
@@ -167,7 +167,14 @@ pub struct Engine {
     /// PDUs heard from since start (or faulted): planning waits for all of them.
     heard: BTreeSet<DeviceId>,
     started: Instant,
+    /// When the last signal was accepted (or the controller started).
+    last_signal: Instant,
+    /// The stale-signal policy has acted since the last signal.
+    stale_acted: bool,
 }
+
+/// The id under which the `curtail` stale-signal policy holds its directive.
+pub const STALE_ID: &str = "stale-signal";
 
 impl Engine {
     pub fn new(site: Arc<Site>) -> Engine {
@@ -196,6 +203,8 @@ impl Engine {
             last_status_at: None,
             heard: BTreeSet::new(),
             started: Instant::now(),
+            last_signal: Instant::now(),
+            stale_acted: false,
             site,
         }
     }
@@ -293,6 +302,13 @@ impl Engine {
                 let id = sig.id().map(str::to_owned);
                 let span = info_span!("signal", id = id.as_deref().unwrap_or("*"));
                 let _enter = span.enter();
+                self.last_signal = Instant::now();
+                if std::mem::take(&mut self.stale_acted) && self.timeline.contains(STALE_ID) {
+                    info!("a signal arrived: the stale-signal curtailment ends");
+                    self.timeline.apply(&Signal::Release {
+                        id: Some(STALE_ID.into()),
+                    });
+                }
                 let applied = self.timeline.apply(&sig);
                 info!(?applied, format = ?topic.format, "signal accepted");
                 self.ack(out, id, AckStatus::Accepted, None).await;
@@ -568,6 +584,7 @@ impl Engine {
         desired: &watch::Sender<Desired>,
     ) -> Duration {
         let now = Timestamp::now();
+        self.apply_stale_policy(out, now).await;
         for id in self.timeline.expire(now) {
             self.complete(out, &id).await;
         }
@@ -634,10 +651,57 @@ impl Engine {
             .and_then(|d| Duration::try_from(d).ok())
             .unwrap_or(status_every)
             .min(status_every)
+            .min(self.stale_due_in().unwrap_or(Duration::MAX))
             .max(Duration::from_millis(10));
         self.last_plan = Some(plan);
         self.publish_status(out, now).await;
         wake
+    }
+
+    /// The site file's stale-signal policy: after `after` without an accepted signal, `curtail`
+    /// sheds every ASIC (until the next signal) and `release` ends every directive.
+    async fn apply_stale_policy(&mut self, out: &mpsc::Sender<Outbound>, now: Timestamp) {
+        let (after, curtail) = match self.site.policy.stale_signal {
+            StalePolicy::Hold => return,
+            StalePolicy::Curtail { after } => (after, true),
+            StalePolicy::Release { after } => (after, false),
+        };
+        if self.stale_acted || self.last_signal.elapsed() < after {
+            return;
+        }
+        self.stale_acted = true;
+        if curtail {
+            warn!(silent_for = ?after, "no signal: curtailing every ASIC as the stale-signal policy says");
+            self.timeline.apply(&Signal::Event {
+                id: STALE_ID.into(),
+                directives: vec![Directive {
+                    id: STALE_ID.into(),
+                    interval: 0,
+                    action: Action::ShedAll,
+                    start: now,
+                    end: None,
+                    priority: 0,
+                    emergency: false,
+                    format: site_config::SignalFormat::Native,
+                }],
+            });
+        } else {
+            warn!(silent_for = ?after, "no signal: ending every directive as the stale-signal policy says");
+            if let Applied::Released(ids) = self.timeline.apply(&Signal::Release { id: None }) {
+                for id in ids {
+                    self.complete(out, &id).await;
+                }
+            }
+        }
+    }
+
+    /// How long until the stale-signal policy would act, if it is waiting to.
+    fn stale_due_in(&self) -> Option<Duration> {
+        let after = match self.site.policy.stale_signal {
+            StalePolicy::Hold => return None,
+            StalePolicy::Curtail { after } | StalePolicy::Release { after } => after,
+        };
+        (!self.stale_acted).then(|| after.saturating_sub(self.last_signal.elapsed()))
     }
 
     pub fn status(&self, now: Timestamp) -> Status {
