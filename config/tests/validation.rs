@@ -1103,3 +1103,35 @@ fn the_same_ip_written_two_ways_is_the_same_endpoint() {
     let p = invalid(&text);
     assert!(p.to_string().contains("both answer at"), "{p}");
 }
+
+mod hostile {
+    use proptest::prelude::*;
+    use std::path::Path;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Mutated copies of the reference site file: the loader answers every one with a site
+        /// or an error that names the file, and never panics.
+        #[test]
+        fn mutated_site_files_never_panic(
+            edits in proptest::collection::vec((any::<u16>(), any::<u8>(), 0u8..3), 1..6),
+        ) {
+            let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sites/small.toml")).unwrap();
+            let mut bytes = text.into_bytes();
+            for (pos, byte, op) in edits {
+                let i = (usize::from(pos) * 7) % (bytes.len() + 1);
+                match op {
+                    0 if i < bytes.len() => bytes[i] = byte,
+                    1 => bytes.insert(i, byte),
+                    _ if i < bytes.len() => { bytes.remove(i); }
+                    _ => {}
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            if let Err(e) = site_config::parse(Path::new("sites/mutated.toml"), &text) {
+                prop_assert!(e.to_string().contains("sites/mutated.toml"));
+            }
+        }
+    }
+}

@@ -408,3 +408,69 @@ fn openadr_drops_intervals_already_over_and_keeps_the_rest() {
         vec![1, 2]
     );
 }
+
+// --- hostile input ----------------------------------------------------------------------------
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Valid signals of every format, to mutate.
+    fn seeds() -> Vec<(SignalFormat, String)> {
+        vec![
+            (
+                SignalFormat::Native,
+                r#"{"id":"evt-42","kind":"import_limit","kw":12000,"start":"2026-11-22T10:00:00Z","duration_s":3600,"priority":1}"#.into(),
+            ),
+            (SignalFormat::Native, r#"{"id":"a","kind":"shed_all","emergency":true}"#.into()),
+            (SignalFormat::Openadr3, CAPACITY_LIMIT.into()),
+            (SignalFormat::Openadr3, SIMPLE_NOW.into()),
+            (SignalFormat::Maestro, format!(r#"{{"target":0,"timestamp":{}}}"#, now().as_second())),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_rejections_carry_a_reason(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            f in 0usize..3,
+        ) {
+            let format = [SignalFormat::Native, SignalFormat::Openadr3, SignalFormat::Maestro][f];
+            if let Err(r) = parse(format, &bytes, &cx()) {
+                prop_assert!(!r.reason.is_empty());
+            }
+        }
+
+        #[test]
+        fn mutated_valid_signals_never_panic_and_accepted_ones_are_sane(
+            seed in 0usize..5,
+            edits in proptest::collection::vec((any::<u16>(), any::<u8>(), 0u8..3), 1..8),
+        ) {
+            let (format, text) = &seeds()[seed];
+            let mut bytes = text.clone().into_bytes();
+            for (pos, byte, op) in edits {
+                let i = usize::from(pos) % (bytes.len() + 1);
+                match op {
+                    0 if i < bytes.len() => bytes[i] = byte,
+                    1 => bytes.insert(i, byte),
+                    _ if i < bytes.len() => { bytes.remove(i); }
+                    _ => {}
+                }
+            }
+            match parse(*format, &bytes, &cx()) {
+                Err(r) => prop_assert!(!r.reason.is_empty()),
+                Ok(Signal::Event { directives, .. }) => {
+                    for d in directives {
+                        if let Action::ImportLimit { kw } | Action::Shed { kw } = d.action {
+                            prop_assert!(kw.is_finite() && (0.0..=MAX_KW).contains(&kw));
+                        }
+                        prop_assert!(d.end.is_none_or(|e| e > d.start && e > now()));
+                    }
+                }
+                Ok(Signal::Release { .. }) => {}
+            }
+        }
+    }
+}
