@@ -49,8 +49,6 @@ fn snapshot(site: &Site, on: bool, now: Timestamp) -> Snapshot {
             };
             site.asics.len()
         ],
-        site_kw: None,
-        asic_kw: None,
         gpu_kw: (1..=60).map(|s| (ago(s), 500.0)).collect(),
         other_kw: (1..=60).map(|s| (ago(s), 800.0)).collect(),
         last_switch: Some(ago(3600)),

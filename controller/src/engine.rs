@@ -209,10 +209,6 @@ impl Engine {
         }
     }
 
-    pub fn timeline(&self) -> &Timeline {
-        &self.timeline
-    }
-
     /// Runs until `cancel`. Field devices are left exactly as they are.
     pub async fn run(mut self, mut io: Io, cancel: CancellationToken) {
         let mut replan_at: Option<Instant> = Some(Instant::now());
@@ -424,7 +420,6 @@ impl Engine {
                 }
                 Urgency::Readings
             }
-            Report::Written { .. } => Urgency::None,
             Report::Fault { device, error, .. } => {
                 self.mark_reported(device);
                 self.heard.insert(device);
@@ -543,8 +538,6 @@ impl Engine {
             .collect();
         Snapshot {
             asics,
-            site_kw: self.site_kw(),
-            asic_kw: self.asic_kw(),
             gpu_kw: self.gpu_history.iter().copied().collect(),
             other_kw: if self.other_history.is_empty() {
                 self.last_other

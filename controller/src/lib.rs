@@ -2,10 +2,12 @@
 //!
 //! - [`signal`]: utility signals (native, OpenADR 3.1, maestro) parsed into directives, purely.
 //! - [`timeline`]: the directives in force over time, resolved by priority and restriction.
+//! - [`backoff`]: exponential backoff with jitter, shared by the broker and Modbus links.
 //! - [`engine`]: the control loop (sense → plan → actuate), acknowledgements and status.
 //! - [`mqtt`]: the broker link (rumqttc): persistent session, backoff, last will.
 //! - [`modbus`]: one task per Modbus endpoint: polls readings, writes batched setpoints.
 //! - [`planner`]: `plan(site, snapshot, timeline, now) -> Plan`, pure and deterministic.
+pub mod backoff;
 pub mod engine;
 pub mod modbus;
 pub mod mqtt;

@@ -24,6 +24,8 @@ use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
+
 /// Why a device is not trusted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceError {
@@ -63,14 +65,6 @@ pub enum Report {
         meter: MeterId,
         at: Instant,
         kw: f64,
-    },
-    /// Writes for plan `generation` were acknowledged by the PDU (outlets switched).
-    Written {
-        pdu: PduId,
-        generation: u64,
-        at: Instant,
-        outlets: usize,
-        requests: usize,
     },
     Fault {
         device: DeviceId,
@@ -115,9 +109,8 @@ const POLL_PHASES: u32 = 8;
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
     pub poll_interval: Duration,
-    /// First reconnect delay; doubles per failure up to `max_backoff`, with jitter.
-    pub min_backoff: Duration,
-    pub max_backoff: Duration,
+    /// Between reconnection attempts.
+    pub backoff: Backoff,
     /// How long relays may take to follow a write before the device counts as disagreeing.
     pub verify_grace: Duration,
 }
@@ -127,8 +120,10 @@ impl Timing {
         let poll = site.policy.poll_interval;
         Timing {
             poll_interval: poll,
-            min_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
+            backoff: Backoff {
+                min: Duration::from_millis(100),
+                max: Duration::from_secs(5),
+            },
             verify_grace: (poll * 3).max(Duration::from_secs(2)),
         }
     }
@@ -179,8 +174,6 @@ struct PduPlan {
     relays: Option<Vec<bool>>,
     /// Outlets written but not yet seen to follow, with when.
     unverified: BTreeMap<u16, (bool, Instant)>,
-    /// The plan generation last written.
-    written: u64,
 }
 
 struct Endpoint {
@@ -236,7 +229,6 @@ impl Endpoint {
                     runs: runs(&site, p),
                     relays: None,
                     unverified: BTreeMap::new(),
-                    written: 0,
                 }),
                 DeviceId::Meter(m) => meters.push(m),
             }
@@ -340,13 +332,7 @@ impl Endpoint {
     async fn link_down(&mut self, error: DeviceError) {
         self.ctx = None;
         self.failures = self.failures.saturating_add(1);
-        let exp = self
-            .timing
-            .min_backoff
-            .saturating_mul(1 << self.failures.min(16).saturating_sub(1));
-        let base = exp.min(self.timing.max_backoff);
-        let jitter = base.mul_f64(rand::random_range(0.0..0.25));
-        self.next_attempt = Instant::now() + base + jitter;
+        self.next_attempt = Instant::now() + self.timing.backoff.delay(self.failures);
         if self.failures == 1 || self.failures.is_power_of_two() {
             tracing::warn!(endpoint = %format!("{}:{}", self.host, self.port), failures = self.failures, %error, "modbus endpoint unreachable");
         }
@@ -484,7 +470,8 @@ impl Endpoint {
     }
 
     async fn read_pdu(&mut self, pdu: PduId) -> Result<(Vec<bool>, Vec<f64>), CallError> {
-        let p = self.site.pdu(pdu).clone();
+        let site = self.site.clone();
+        let p = site.pdu(pdu);
         let (unit, limit, n) = (p.endpoint.unit_id, p.endpoint.timeout, p.outlets);
         let relays = self.read_relays(unit, limit, &p.profile.relays, n).await?;
         let block = p.profile.outlet_power;
@@ -588,35 +575,18 @@ impl Endpoint {
             if self.ctx.is_none() {
                 return;
             }
-            match self.write_pdu(i, &want, desired.generation).await {
-                Ok(None) => {}
-                Ok(Some((outlets, requests))) => {
-                    let pdu = self.pdus[i].id;
-                    self.report(Report::Written {
-                        pdu,
-                        generation: desired.generation,
-                        at: Instant::now(),
-                        outlets,
-                        requests,
-                    })
-                    .await;
-                }
-                Err(e) => {
-                    let pdu = self.pdus[i].id;
-                    self.device_failed(DeviceId::Pdu(pdu), e).await;
-                }
+            if let Err(e) = self.write_pdu(i, &want).await {
+                let pdu = self.pdus[i].id;
+                self.device_failed(DeviceId::Pdu(pdu), e).await;
             }
         }
     }
 
-    /// Writes one PDU's runs that need it; returns (outlets written, requests) if any.
-    async fn write_pdu(
-        &mut self,
-        i: usize,
-        want: &[bool],
-        generation: u64,
-    ) -> Result<Option<(usize, usize)>, CallError> {
-        let p = self.site.pdu(self.pdus[i].id).clone();
+    /// Writes the runs of one PDU that need it.
+    async fn write_pdu(&mut self, i: usize, want: &[bool]) -> Result<(), CallError> {
+        // The site is shared and read-only: hold it by Arc rather than copying the PDU.
+        let site = self.site.clone();
+        let p = site.pdu(self.pdus[i].id);
         let relays = p.profile.relays;
         let (unit, limit) = (p.endpoint.unit_id, p.endpoint.timeout);
         let retry_after = self.timing.verify_grace;
@@ -663,14 +633,13 @@ impl Endpoint {
             }
         }
         if writes.is_empty() {
-            return Ok(None);
+            return Ok(());
         }
         let ctx = self
             .ctx
             .as_mut()
             .ok_or_else(|| CallError::Link(DeviceError::Transport("not connected".into())))?;
         ctx.set_slave(Slave(unit));
-        let (mut outlets, requests) = (0, writes.len());
         for (first, states) in &writes {
             let addr = relays.address + (first - 1);
             match (relays.table, states.as_slice()) {
@@ -702,10 +671,8 @@ impl Endpoint {
                     call(limit, ctx.write_multiple_registers(addr, &words)).await?
                 }
             }
-            outlets += states.len();
         }
         let plan = &mut self.pdus[i];
-        plan.written = generation;
         let at = Instant::now();
         for (first, states) in &writes {
             for (k, s) in states.iter().enumerate() {
@@ -723,7 +690,7 @@ impl Endpoint {
                 }
             }
         }
-        Ok(Some((outlets, requests)))
+        Ok(())
     }
 }
 

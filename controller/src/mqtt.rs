@@ -34,12 +34,7 @@ pub enum MqttError {
     },
 }
 
-/// Backoff between failed connection attempts.
-#[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    pub min: Duration,
-    pub max: Duration,
-}
+pub use crate::backoff::Backoff;
 
 impl Default for Backoff {
     fn default() -> Self {
@@ -48,18 +43,6 @@ impl Default for Backoff {
             min: Duration::from_millis(100),
             max: Duration::from_secs(1),
         }
-    }
-}
-
-impl Backoff {
-    /// The delay before attempt `failures + 1`: doubling from `min`, capped at `max`, plus up to
-    /// 25 % jitter so that a fleet of gateways does not reconnect in step.
-    pub fn delay(&self, failures: u32) -> Duration {
-        let exp = self
-            .min
-            .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-        let base = exp.min(self.max);
-        base + base.mul_f64(rand::random_range(0.0..0.25))
     }
 }
 
@@ -239,31 +222,4 @@ async fn poll(
 /// The error, cut to a readable length (a broker may echo long data in an error).
 fn short(e: &ConnectionError) -> String {
     e.to_string().chars().take(200).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_from_the_minimum_and_is_capped_with_jitter() {
-        let b = Backoff::default();
-        for (failures, base_ms) in [
-            (1, 100),
-            (2, 200),
-            (3, 400),
-            (4, 800),
-            (5, 1000),
-            (40, 1000),
-        ] {
-            for _ in 0..50 {
-                let d = b.delay(failures).as_secs_f64() * 1000.0;
-                let base = f64::from(base_ms);
-                assert!(
-                    d >= base && d <= base * 1.25 + 1e-6,
-                    "attempt {failures}: {d} ms"
-                );
-            }
-        }
-    }
 }

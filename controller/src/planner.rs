@@ -65,10 +65,6 @@ pub struct AsicState {
 pub struct Snapshot {
     /// One entry per ASIC, indexed by [`AsicId`].
     pub asics: Vec<AsicState>,
-    /// The site meter's latest reading.
-    pub site_kw: Option<f64>,
-    /// The ASICs' measured draw (sum of outlet readings) at the same time.
-    pub asic_kw: Option<f64>,
     /// Total GPU rack draw over time, oldest first; the peak over the policy window is used.
     pub gpu_kw: Vec<(Timestamp, f64)>,
     /// Other load (site meter − ASICs − GPU racks) over time, oldest first; a robust mean over
@@ -93,8 +89,6 @@ impl Snapshot {
                 };
                 site.asics.len()
             ],
-            site_kw: None,
-            asic_kw: None,
             gpu_kw: Vec::new(),
             other_kw: Vec::new(),
             last_switch: None,

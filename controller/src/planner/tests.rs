@@ -18,8 +18,7 @@ fn at(secs: i64) -> Timestamp {
     T0.parse::<Timestamp>().unwrap() + SignedDuration::from_secs(secs)
 }
 
-/// Steady readings: GPU racks at `gpu` kW for the last minute, site meter consistent with
-/// 5 kW of other load.
+/// Steady readings: GPU racks at `gpu` kW for the last minute, 5 kW of other load.
 fn snapshot(
     site: &Site,
     on: impl Fn(usize) -> bool,
@@ -34,16 +33,8 @@ fn snapshot(
             controllable: true,
         })
         .collect();
-    let asic_kw: f64 = site
-        .asics
-        .iter()
-        .filter(|a| asics[a.id.0 as usize].on)
-        .map(|a| a.rated_w / 1000.0)
-        .sum();
     Snapshot {
         asics,
-        site_kw: Some(asic_kw + gpu + 5.0),
-        asic_kw: Some(asic_kw),
         gpu_kw: (0..60)
             .map(|s| (now - SignedDuration::from_secs(60 - s), gpu))
             .collect(),
