@@ -34,8 +34,32 @@ struct SiteFile {
     gpu_racks: Vec<GpuRackDecl>,
     #[serde(default)]
     policy: PolicySection,
+    journal: Option<JournalSection>,
     #[serde(default)]
     sim: SimSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JournalSection {
+    /// Relative to the site file.
+    path: String,
+    #[serde(default = "default_journal_max_mb")]
+    max_mb: u32,
+    #[serde(default = "default_journal_keep")]
+    keep: u32,
+    #[serde(default = "default_journal_meter_interval_s")]
+    meter_interval_s: f64,
+}
+
+fn default_journal_max_mb() -> u32 {
+    64
+}
+fn default_journal_keep() -> u32 {
+    10
+}
+fn default_journal_meter_interval_s() -> f64 {
+    2.0
 }
 
 #[derive(Debug, Deserialize)]
@@ -663,6 +687,7 @@ impl Resolver<'_> {
         }
 
         let policy = self.policy(&raw.policy);
+        let journal = raw.journal.as_ref().map(|j| self.journal(j));
         let sim = self.sim(&raw.sim, &gpu_racks, &pdu_by_name, &meter_by_name, &pdus);
 
         if !self.p.is_empty() {
@@ -705,8 +730,39 @@ impl Resolver<'_> {
             asics,
             gpu_racks,
             policy,
+            journal,
             sim,
         })
+    }
+
+    fn journal(&mut self, raw: &JournalSection) -> Journal {
+        if raw.path.trim().is_empty() {
+            self.p.push("journal.path", "must not be empty");
+        }
+        if !(1..=100_000).contains(&raw.max_mb) {
+            self.p.push(
+                "journal.max_mb",
+                format!("must be 1..=100000 (got {})", raw.max_mb),
+            );
+        }
+        if !(1..=1000).contains(&raw.keep) {
+            self.p.push(
+                "journal.keep",
+                format!("must be 1..=1000 (got {})", raw.keep),
+            );
+        }
+        let v = raw.meter_interval_s;
+        let meter_interval = if self.range("journal.meter_interval_s", v, 0.1, 3600.0) {
+            Duration::from_secs_f64(v)
+        } else {
+            Duration::ZERO
+        };
+        Journal {
+            path: self.base.join(&raw.path),
+            max_bytes: u64::from(raw.max_mb) * 1024 * 1024,
+            keep: raw.keep,
+            meter_interval,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

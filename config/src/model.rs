@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::profile::{MeterProfile, PduProfile};
 
@@ -54,6 +54,9 @@ pub struct Site {
     pub asics: Vec<Asic>,
     pub gpu_racks: Vec<GpuRack>,
     pub policy: Policy,
+    /// Where the record of directives, plans and readings is kept; `None`: no record, and
+    /// directives do not survive a restart.
+    pub journal: Option<Journal>,
     pub sim: Sim,
 }
 
@@ -160,7 +163,7 @@ pub struct SignalTopic {
     pub format: SignalFormat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SignalFormat {
     /// gridshed's own JSON (README, "Signals").
@@ -187,6 +190,21 @@ pub struct Policy {
     pub stale_signal: StalePolicy,
     /// What OpenADR SIMPLE levels 1, 2 and 3 mean at this site (level 0 is normal operation).
     pub simple_levels: [SimpleAction; 3],
+}
+
+/// The journal: an append-only, fsync'd JSON Lines file of every directive accepted, every
+/// plan and its outcome, and periodic meter readings; what the controller resumes from after a
+/// restart and what an operator hands to the utility for settlement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Journal {
+    /// The live file; rotated files are `path.1` (newest) .. `path.{keep}`.
+    pub path: PathBuf,
+    /// The live file is rotated once it grows past this.
+    pub max_bytes: u64,
+    /// How many rotated files are kept.
+    pub keep: u32,
+    /// How often the meters are recorded.
+    pub meter_interval: Duration,
 }
 
 /// What to do when no signal has arrived for too long.

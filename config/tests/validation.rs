@@ -1135,3 +1135,50 @@ mod hostile {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Journal.
+
+#[test]
+fn a_site_without_a_journal_section_keeps_no_journal() {
+    let site = parse(SITE).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(site.journal, None);
+}
+
+#[test]
+fn a_journal_path_is_taken_relative_to_the_site_file_with_defaults() {
+    let site = parse(&append("[journal]\npath = \"state/journal.jsonl\"\n"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let j = site.journal.expect("journal");
+    assert_eq!(j.path, Path::new("sites/state/journal.jsonl"));
+    assert_eq!(j.max_bytes, 64 * 1024 * 1024);
+    assert_eq!(j.keep, 10);
+    assert_eq!(j.meter_interval, std::time::Duration::from_secs(2));
+}
+
+#[test]
+fn a_journal_with_an_empty_path_is_rejected_naming_the_field() {
+    problem_at(&append("[journal]\npath = \" \"\n"), "journal.path");
+}
+
+#[test]
+fn journal_sizes_and_intervals_out_of_range_are_rejected_naming_the_field() {
+    for (line, field) in [
+        ("max_mb = 0", "journal.max_mb"),
+        ("keep = 0", "journal.keep"),
+        ("meter_interval_s = 0.0", "journal.meter_interval_s"),
+        ("meter_interval_s = nan", "journal.meter_interval_s"),
+        ("meter_interval_s = 7200.0", "journal.meter_interval_s"),
+    ] {
+        problem_at(
+            &append(&format!("[journal]\npath = \"j.jsonl\"\n{line}\n")),
+            field,
+        );
+    }
+}
+
+#[test]
+fn an_unknown_journal_key_is_rejected() {
+    let e = invalid(&append("[journal]\npath = \"j.jsonl\"\nfsync = false\n"));
+    assert!(e.to_string().contains("fsync"), "{e}");
+}

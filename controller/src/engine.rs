@@ -17,10 +17,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn};
 
+use crate::journal::{self, End, Record, Switch};
 use crate::modbus::{Desired, DeviceError, Report};
 use crate::planner::{AsicState, Plan, Planner, Snapshot};
 use crate::signal::{self, Action, Directive, Signal};
-use crate::timeline::{Applied, Timeline};
+use crate::timeline::Applied;
 
 /// What the transport delivers to the engine.
 #[derive(Debug, Clone)]
@@ -138,7 +139,15 @@ pub struct Engine {
     /// The ASICs of each PDU, by PDU index: readings arrive per PDU.
     asics_by_pdu: Vec<Vec<site_config::AsicId>>,
     planner: Planner,
-    timeline: Timeline,
+    /// The directives in force and what has ended; changed only through [`Engine::commit`],
+    /// so that the journal replays to the same state.
+    state: journal::State,
+    journal: Option<journal::Sender>,
+    /// Per ASIC, the last switch the journal knew of at start-up: how long an ASIC found off
+    /// has been off.
+    resumed: Vec<Option<Switch>>,
+    /// The newest plan that switched outlets, until they are all seen to follow.
+    pending: Option<Pending>,
     asics: Vec<AsicTrack>,
     /// Per device, its fault (if any).
     faults: BTreeMap<DeviceId, DeviceError>,
@@ -176,16 +185,42 @@ pub struct Engine {
 /// The id under which the `curtail` stale-signal policy holds its directive.
 pub const STALE_ID: &str = "stale-signal";
 
+/// A plan whose switching is not yet confirmed by read-back.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    generation: u64,
+    at: Instant,
+    /// Outlets not following by then are recorded as unconfirmed.
+    deadline: Instant,
+}
+
 impl Engine {
-    pub fn new(site: Arc<Site>) -> Engine {
+    /// An engine resuming from `resumed` (the journal's state; empty without one), recording
+    /// to `journal`.
+    pub fn new(
+        site: Arc<Site>,
+        resumed: journal::State,
+        journal: Option<journal::Sender>,
+    ) -> Engine {
         let mut asics_by_pdu = vec![Vec::new(); site.pdus.len()];
         for a in &site.asics {
             asics_by_pdu[a.pdu.0 as usize].push(a.id);
         }
+        let last_switch = site
+            .asics
+            .iter()
+            .map(|a| {
+                let outlets = resumed.switched.get(&site.pdu(a.pdu).name)?;
+                outlets.get(&a.outlet).copied()
+            })
+            .collect();
         Engine {
             asics_by_pdu,
             planner: Planner::new(&site),
-            timeline: Timeline::new(),
+            state: resumed,
+            journal,
+            resumed: last_switch,
+            pending: None,
             asics: vec![AsicTrack::default(); site.asics.len()],
             faults: BTreeMap::new(),
             meter_kw: vec![None; site.meters.len()],
@@ -214,8 +249,11 @@ impl Engine {
         let mut replan_at: Option<Instant> = Some(Instant::now());
         let mut last_cycle = Instant::now();
         let mut wake_at = Instant::now() + self.site.mqtt.status_interval;
+        let meter_every = self.site.journal.as_ref().map(|j| j.meter_interval);
+        let mut meters_at = meter_every.map(|every| Instant::now() + every);
         loop {
             let next = replan_at.map_or(wake_at, |r| r.min(wake_at));
+            let next = meters_at.map_or(next, |m| m.min(next));
             // Cancel-safe: recv() on mpsc and sleep_until lose nothing when another branch wins.
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -226,7 +264,12 @@ impl Engine {
                         }
                     }
                     Inbound::Connected => {
+                        // The broker may have published our last will, and acks sent while
+                        // it was away are lost: say again what is in force.
                         self.last_status = None;
+                        for id in self.announced.clone() {
+                            self.ack(&io.outbound, Some(id), AckStatus::Active, None).await;
+                        }
                         replan_at = Some(Instant::now());
                     }
                 },
@@ -249,6 +292,12 @@ impl Engine {
                 _ = tokio::time::sleep_until(next) => {}
             }
             let now = Instant::now();
+            if let (Some(at), Some(every)) = (meters_at, meter_every)
+                && at <= now
+            {
+                self.record_meters(Timestamp::now());
+                meters_at = Some(now + every);
+            }
             if replan_at.is_some_and(|r| r <= now) || wake_at <= now {
                 replan_at = None;
                 last_cycle = now;
@@ -266,13 +315,8 @@ impl Engine {
         payload: &[u8],
         out: &mpsc::Sender<Outbound>,
     ) -> bool {
-        let Some(topic) = self
-            .site
-            .mqtt
-            .signals
-            .iter()
-            .find(|s| s.topic == topic_name)
-        else {
+        let site = self.site.clone();
+        let Some(topic) = site.mqtt.signals.iter().find(|s| s.topic == topic_name) else {
             debug!(topic = %topic_name, "message on a topic the site file does not name; ignored");
             return false;
         };
@@ -296,21 +340,30 @@ impl Engine {
             }
             Ok(sig) => {
                 let id = sig.id().map(str::to_owned);
+                let sent_at = signal::sent_at(topic.format, payload);
+                if let Err(reason) = self.state.replay.check(&sig, sent_at) {
+                    warn!(id = ?id, %reason, topic = %topic_name, "signal rejected");
+                    self.ack(out, id, AckStatus::Rejected, Some(reason)).await;
+                    return false;
+                }
                 let span = info_span!("signal", id = id.as_deref().unwrap_or("*"));
                 let _enter = span.enter();
                 self.last_signal = Instant::now();
-                if std::mem::take(&mut self.stale_acted) && self.timeline.contains(STALE_ID) {
+                if std::mem::take(&mut self.stale_acted) && self.state.timeline.contains(STALE_ID) {
                     info!("a signal arrived: the stale-signal curtailment ends");
-                    self.timeline.apply(&Signal::Release {
-                        id: Some(STALE_ID.into()),
-                    });
+                    self.complete(out, STALE_ID, End::Stale).await;
                 }
-                let applied = self.timeline.apply(&sig);
+                let applied = self.commit(Record::Accepted {
+                    at: now,
+                    topic: Some(topic_name.to_owned()),
+                    sent_at,
+                    signal: sig.clone(),
+                });
                 info!(?applied, format = ?topic.format, "signal accepted");
                 self.ack(out, id, AckStatus::Accepted, None).await;
                 if let (Signal::Release { .. }, Applied::Released(ids)) = (&sig, &applied) {
                     for id in ids {
-                        self.complete(out, id).await;
+                        self.complete(out, id, End::Released).await;
                     }
                 }
                 applied != Applied::Unchanged
@@ -318,9 +371,32 @@ impl Engine {
         }
     }
 
-    async fn complete(&mut self, out: &mpsc::Sender<Outbound>, id: &str) {
-        self.announced.remove(id);
+    /// Applies a record to the state and journals it.
+    fn commit(&mut self, record: Record) -> Applied {
+        let applied = self.state.apply(&record);
+        self.record(record);
+        applied
+    }
+
+    /// Journals a record (when the site keeps a journal).
+    fn record(&self, record: Record) {
+        if let Some(j) = &self.journal {
+            j.record(record);
+        }
+    }
+
+    /// Ends event `id`: it leaves the timeline (if a release has not already taken it out),
+    /// and its end is journaled and acknowledged with the site as measured now.
+    async fn complete(&mut self, out: &mpsc::Sender<Outbound>, id: &str, end: End) {
         let (site_kw, asic_kw) = (self.site_kw(), self.asic_kw());
+        self.commit(Record::Completed {
+            at: Timestamp::now(),
+            id: id.to_owned(),
+            end,
+            site_kw,
+            asic_kw,
+        });
+        self.announced.remove(id);
         let ack = Ack {
             id: Some(id.to_owned()),
             status: AckStatus::Completed,
@@ -374,10 +450,7 @@ impl Engine {
             } => {
                 let device = DeviceId::Pdu(pdu);
                 self.heard.insert(device);
-                let cleared = self.faults.remove(&device).is_some();
-                if cleared {
-                    info!(device = %self.site.pdu(pdu).name, "device answers again");
-                }
+                let cleared = self.cleared(device);
                 let now = Timestamp::now();
                 let mut changed = cleared;
                 for &id in &self.asics_by_pdu[pdu.0 as usize] {
@@ -386,8 +459,16 @@ impl Engine {
                     let t = &mut self.asics[a.id.0 as usize];
                     let seen = relays.get(i).copied();
                     if seen.is_some() && seen != t.seen {
-                        if t.seen.is_some() && seen != t.commanded {
-                            t.since = Some(now);
+                        match (t.seen, self.resumed[a.id.0 as usize]) {
+                            (Some(_), _) if seen != t.commanded => t.since = Some(now),
+                            (Some(_), _) => {}
+                            // First sight after a restart, as the journal last left it: the
+                            // minimum off/on time runs from that switch.
+                            (None, Some(last)) if Some(last.on) == seen => t.since = Some(last.at),
+                            // Found off with no record of why (or changed while we were
+                            // away): off from now on, so no restore comes early.
+                            (None, _) if seen == Some(false) => t.since = Some(now),
+                            (None, _) => {}
                         }
                         t.seen = seen;
                         changed = true;
@@ -407,7 +488,7 @@ impl Engine {
             Report::Meter { meter, kw, .. } => {
                 self.mark_reported(DeviceId::Meter(meter));
                 self.heard.insert(DeviceId::Meter(meter));
-                self.faults.remove(&DeviceId::Meter(meter));
+                self.cleared(DeviceId::Meter(meter));
                 if let Some(slot) = self.meter_kw.get_mut(meter.0 as usize) {
                     *slot = Some(kw);
                 }
@@ -427,12 +508,31 @@ impl Engine {
                 let fresh = self.faults.insert(device, error.clone()).as_ref() != Some(&error);
                 if fresh {
                     warn!(device = %name, %error, "device faulted");
+                    self.record(Record::Fault {
+                        at: Timestamp::now(),
+                        device: name,
+                        reason: error.to_string(),
+                    });
                     Urgency::State
                 } else {
                     Urgency::None
                 }
             }
         }
+    }
+
+    /// A device answered properly: its fault, if any, is over. True if it had one.
+    fn cleared(&mut self, device: DeviceId) -> bool {
+        if self.faults.remove(&device).is_none() {
+            return false;
+        }
+        let name = self.site.device_name(device).to_owned();
+        info!(device = %name, "device answers again");
+        self.record(Record::Recovered {
+            at: Timestamp::now(),
+            device: name,
+        });
+        true
     }
 
     fn sample_gpu(&mut self, now: Timestamp) {
@@ -578,22 +678,31 @@ impl Engine {
     ) -> Duration {
         let now = Timestamp::now();
         self.apply_stale_policy(out, now).await;
-        for id in self.timeline.expire(now) {
-            self.complete(out, &id).await;
+        for id in self.state.timeline.ended_by(now) {
+            self.complete(out, &id, End::Expired).await;
         }
         let status_every = self.site.mqtt.status_interval;
         if !self.ready() {
             return self.site.policy.poll_interval.min(status_every);
         }
         let snap = self.snapshot();
-        let plan = self.planner.plan(&self.site, &snap, &self.timeline, now);
+        let plan = self
+            .planner
+            .plan(&self.site, &snap, &self.state.timeline, now);
         let changes = plan.changes(&snap).count();
         if changes > 0 {
             self.generation += 1;
+            let mut off: BTreeMap<String, Vec<u16>> = BTreeMap::new();
+            let mut on_: BTreeMap<String, Vec<u16>> = BTreeMap::new();
             for (id, on) in plan.changes(&snap) {
                 let t = &mut self.asics[id.0 as usize];
                 t.commanded = Some(on);
                 t.since = Some(now);
+                let a = self.site.asic(id);
+                let list = if on { &mut on_ } else { &mut off };
+                list.entry(self.site.pdu(a.pdu).name.clone())
+                    .or_default()
+                    .push(a.outlet);
             }
             self.last_switch = Some(now);
             self.reported_since_switch.fill(false);
@@ -602,7 +711,7 @@ impl Engine {
             self.settling_until = now
                 .checked_add(SignedDuration::try_from(settle).unwrap_or_default())
                 .ok();
-            let events = self.timeline.in_force(now).events;
+            let events = self.state.timeline.in_force(now).events;
             info!(
                 generation = self.generation,
                 off = plan.switched_off,
@@ -619,6 +728,23 @@ impl Engine {
                 generation: self.generation,
                 asics: Some(Arc::new(plan.desired.clone())),
             });
+            // After the devices have their orders: the record can wait, the shed cannot.
+            self.record(Record::Plan {
+                at: now,
+                generation: self.generation,
+                limit_kw: plan.limit_kw,
+                budget_kw: round1(plan.budget_kw),
+                shortfall_kw: round1(plan.shortfall_kw),
+                directives: events,
+                off,
+                on: on_,
+            });
+            let started = Instant::now();
+            self.pending = Some(Pending {
+                generation: self.generation,
+                at: started,
+                deadline: started + self.confirm_within(),
+            });
         } else if desired.borrow().asics.is_none() {
             // First plan: publish the absolute state even if nothing changes.
             self.generation += 1;
@@ -630,7 +756,8 @@ impl Engine {
                 asics: Some(Arc::new(plan.desired.clone())),
             });
         }
-        for id in self.timeline.in_force(now).events {
+        self.check_confirmed();
+        for id in self.state.timeline.in_force(now).events {
             if self.announced.insert(id.clone()) {
                 self.ack(out, Some(id), AckStatus::Active, None).await;
             }
@@ -645,6 +772,9 @@ impl Engine {
             .unwrap_or(status_every)
             .min(status_every)
             .min(self.stale_due_in().unwrap_or(Duration::MAX))
+            .min(self.pending.map_or(Duration::MAX, |p| {
+                p.deadline.saturating_duration_since(Instant::now())
+            }))
             .max(Duration::from_millis(10));
         self.last_plan = Some(plan);
         self.publish_status(out, now).await;
@@ -665,7 +795,7 @@ impl Engine {
         self.stale_acted = true;
         if curtail {
             warn!(silent_for = ?after, "no signal: curtailing every ASIC as the stale-signal policy says");
-            self.timeline.apply(&Signal::Event {
+            let signal = Signal::Event {
                 id: STALE_ID.into(),
                 directives: vec![Directive {
                     id: STALE_ID.into(),
@@ -677,15 +807,94 @@ impl Engine {
                     emergency: false,
                     format: site_config::SignalFormat::Native,
                 }],
+            };
+            self.commit(Record::Accepted {
+                at: now,
+                topic: None,
+                sent_at: None,
+                signal,
             });
         } else {
             warn!(silent_for = ?after, "no signal: ending every directive as the stale-signal policy says");
-            if let Applied::Released(ids) = self.timeline.apply(&Signal::Release { id: None }) {
-                for id in ids {
-                    self.complete(out, &id).await;
-                }
+            let ids: Vec<String> = self
+                .state
+                .timeline
+                .events()
+                .map(|(id, _)| id.to_owned())
+                .collect();
+            for id in ids {
+                self.complete(out, &id, End::Stale).await;
             }
         }
+    }
+
+    /// How long after a plan its outlets must be seen to follow: the endpoint tasks' own
+    /// verification grace, plus one request's time.
+    fn confirm_within(&self) -> Duration {
+        let timeout = self
+            .site
+            .pdus
+            .iter()
+            .map(|p| p.endpoint.timeout)
+            .max()
+            .unwrap_or_default();
+        crate::modbus::Timing::for_site(&self.site).verify_grace + timeout
+    }
+
+    /// Journals whether the newest plan's outlets followed it: once all of them are read back
+    /// in their commanded state, or, at its deadline, which did not.
+    fn check_confirmed(&mut self) {
+        let Some(p) = self.pending else {
+            return;
+        };
+        let lagging = || {
+            self.site.asics.iter().filter(|a| {
+                let t = &self.asics[a.id.0 as usize];
+                t.commanded.is_some() && t.seen != t.commanded
+            })
+        };
+        let now = Instant::now();
+        if lagging().next().is_none() {
+            self.record(Record::Confirmed {
+                at: Timestamp::now(),
+                generation: p.generation,
+                after_ms: now.duration_since(p.at).as_millis() as u64,
+            });
+        } else if now >= p.deadline {
+            let mut outlets: BTreeMap<String, Vec<u16>> = BTreeMap::new();
+            for a in lagging() {
+                outlets
+                    .entry(self.site.pdu(a.pdu).name.clone())
+                    .or_default()
+                    .push(a.outlet);
+            }
+            warn!(
+                generation = p.generation,
+                ?outlets,
+                "outlets did not follow the plan"
+            );
+            self.record(Record::Unconfirmed {
+                at: Timestamp::now(),
+                generation: p.generation,
+                outlets,
+            });
+        } else {
+            return;
+        }
+        self.pending = None;
+    }
+
+    /// Journals the meters (and what is in force) at the journal's pace.
+    fn record_meters(&self, now: Timestamp) {
+        let status = self.status(now);
+        self.record(Record::Meters {
+            at: now,
+            site_kw: status.site_kw,
+            asic_kw: status.asic_kw,
+            gpu_kw: status.gpu_kw,
+            limit_kw: status.limit_kw,
+            shed_kw: status.shed_kw,
+        });
     }
 
     /// How long until the stale-signal policy would act, if it is waiting to.
@@ -732,7 +941,7 @@ impl Engine {
             restore_held: plan.and_then(|p| p.held),
             asics_on: on,
             asics_off: snap_on.len() - on,
-            directives: self.timeline.in_force(now).events,
+            directives: self.state.timeline.in_force(now).events,
             faulted: self
                 .faults
                 .iter()

@@ -4,14 +4,18 @@
 //! - [`timeline`]: the directives in force over time, resolved by priority and restriction.
 //! - [`backoff`]: exponential backoff with jitter, shared by the broker and Modbus links.
 //! - [`engine`]: the control loop (sense → plan → actuate), acknowledgements and status.
+//! - [`journal`]: the append-only record of signals, plans and readings; what a restart resumes.
+//! - [`replay`]: refuses signals that would bring back an event that has ended.
 //! - [`mqtt`]: the broker link (rumqttc): persistent session, backoff, last will.
 //! - [`modbus`]: one task per Modbus endpoint: polls readings, writes batched setpoints.
 //! - [`planner`]: `plan(site, snapshot, timeline, now) -> Plan`, pure and deterministic.
 pub mod backoff;
 pub mod engine;
+pub mod journal;
 pub mod modbus;
 pub mod mqtt;
 pub mod planner;
+pub mod replay;
 pub mod signal;
 pub mod timeline;
 
@@ -20,16 +24,54 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+/// Why the controller could not start (or its broker link failed).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Mqtt(#[from] mqtt::MqttError),
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
+}
+
 /// Runs the controller for `site` until `shutdown` completes: the broker link, one Modbus task
-/// per endpoint, and the engine. On shutdown every outlet is left exactly as it is (nothing is
-/// switched on the way out) and the status topic says the controller is offline.
+/// per endpoint, the engine, and the journal's writer.
+///
+/// With a journal, the directives it holds are resumed before anything is planned, and the
+/// engine reads every outlet before its first plan, so a restart mid-event neither restores an
+/// ASIC early nor forgets the event. On shutdown every outlet is left exactly as it is
+/// (nothing is switched on the way out), the status topic says the controller is offline, and
+/// the journal is on disk.
 pub async fn run(
     site: site_config::Site,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), mqtt::MqttError> {
+) -> Result<(), RunError> {
     let site = Arc::new(site);
-    // Fail early on missing credentials, before anything is started.
+    // Fail early on missing credentials or an unusable journal, before anything is started.
     mqtt::options(&site, 0)?;
+    let (journal, writer, resumed) = match &site.journal {
+        Some(config) => {
+            let (tx, writer, recovered) = journal::open(config, &site.id, jiff::Timestamp::now())?;
+            let events: Vec<&str> = recovered
+                .state
+                .timeline
+                .events()
+                .map(|(id, _)| id)
+                .collect();
+            tracing::info!(
+                file = %config.path.display(),
+                records = recovered.records,
+                skipped = recovered.skipped,
+                torn_last_line = recovered.torn,
+                ?events,
+                "journal read"
+            );
+            (Some(tx), Some(writer), recovered.state)
+        }
+        None => {
+            tracing::warn!("no [journal] in the site file: directives will not survive a restart");
+            (None, None, journal::State::default())
+        }
+    };
     let cancel = CancellationToken::new();
     let (in_tx, in_rx) = mpsc::channel(1024);
     let (out_tx, out_rx) = mpsc::channel(4096);
@@ -50,7 +92,7 @@ pub async fn run(
         mqtt::Backoff::default(),
         cancel.clone(),
     ));
-    let engine = engine::Engine::new(site.clone());
+    let engine = engine::Engine::new(site.clone(), resumed, journal);
     let io = engine::Io {
         inbound: in_rx,
         outbound: out_tx,
@@ -62,10 +104,14 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down");
     cancel.cancel();
+    // The engine holds the journal's only sender: once it is gone, the writer drains its queue.
     let _ = engine.await;
+    if let Some(writer) = writer {
+        let _ = tokio::task::spawn_blocking(move || writer.finish()).await;
+    }
     while endpoints.join_next().await.is_some() {}
     match link.await {
-        Ok(r) => r,
+        Ok(r) => Ok(r?),
         Err(_) => Ok(()),
     }
 }

@@ -9,11 +9,12 @@
 //! - `maestro`: `{"target":0|100,"timestamp":UNIX_SECONDS}`, re-sent periodically.
 
 use jiff::{SignedDuration, Timestamp};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use site_config::{SignalFormat, SimpleAction};
 
 /// What the utility asks of the site while a directive is in force.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Action {
     /// Keep the site's import at or below `kw`.
     ImportLimit { kw: f64 },
@@ -24,7 +25,7 @@ pub enum Action {
 }
 
 /// A validated request from the utility, in force over `[start, end)`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Directive {
     /// The event it belongs to (native `id`, OpenADR event `id`, `maestro`).
     pub id: String,
@@ -48,7 +49,8 @@ impl Directive {
 }
 
 /// A parsed signal.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Signal {
     /// The directives of event `id`: they replace whatever the event said before, so a re-sent
     /// identical signal changes nothing. Empty when the event asks for normal operation.
@@ -116,6 +118,18 @@ pub fn parse(format: SignalFormat, payload: &[u8], cx: &Context<'_>) -> Result<S
         SignalFormat::Native => native(payload, cx).map_err(fail),
         SignalFormat::Openadr3 => openadr3(payload, cx).map_err(fail),
         SignalFormat::Maestro => maestro(payload, cx).map_err(fail),
+    }
+}
+
+/// When the sender says it sent `payload`, for the formats that say (maestro's `timestamp`):
+/// what orders re-sent messages that carry no event id. Call it on a payload that parsed.
+pub fn sent_at(format: SignalFormat, payload: &[u8]) -> Option<Timestamp> {
+    match format {
+        SignalFormat::Maestro => {
+            let m: Maestro = serde_json::from_slice(payload).ok()?;
+            Timestamp::from_second(m.timestamp.trunc() as i64).ok()
+        }
+        SignalFormat::Native | SignalFormat::Openadr3 => None,
     }
 }
 

@@ -16,10 +16,12 @@
 use std::collections::BTreeMap;
 
 use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
 
 use crate::signal::{Action, Directive, Signal};
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct Timeline {
     events: BTreeMap<String, Vec<Directive>>,
 }
@@ -127,19 +129,15 @@ impl Timeline {
             .min()
     }
 
-    /// Removes events every directive of which has ended by `now`, returning their ids.
-    /// Events that ask for normal operation (no directives) end at once.
-    pub fn expire(&mut self, now: Timestamp) -> Vec<String> {
-        let over: Vec<String> = self
-            .events
+    /// Events every directive of which has ended by `now`: they are over and should be ended
+    /// (released) by whoever owns the timeline. Events that ask for normal operation (no
+    /// directives) are over at once.
+    pub fn ended_by(&self, now: Timestamp) -> Vec<String> {
+        self.events
             .iter()
             .filter(|(_, ds)| ds.iter().all(|d| d.end.is_some_and(|e| e <= now)))
             .map(|(id, _)| id.clone())
-            .collect();
-        for id in &over {
-            self.events.remove(id);
-        }
-        over
+            .collect()
     }
 
     /// True if any directive of event `id` is in force at `now`.
@@ -274,7 +272,7 @@ mod tests {
     }
 
     #[test]
-    fn expired_events_leave_and_open_ended_ones_stay() {
+    fn events_are_over_once_every_directive_has_ended_and_open_ended_ones_never() {
         let mut tl = Timeline::new();
         tl.apply(&event(vec![d(
             "a",
@@ -284,8 +282,8 @@ mod tests {
             1,
         )]));
         tl.apply(&event(vec![d("b", Action::ShedAll, "10:00", None, 1)]));
-        assert!(tl.expire(t("10:29")).is_empty());
-        assert_eq!(tl.expire(t("10:30")), vec!["a".to_string()]);
-        assert!(tl.contains("b"));
+        assert!(tl.ended_by(t("10:29")).is_empty());
+        assert_eq!(tl.ended_by(t("10:30")), vec!["a".to_string()]);
+        assert_eq!(tl.ended_by(t("23:59")), vec!["a".to_string()]);
     }
 }

@@ -1,0 +1,751 @@
+//! The journal: an append-only JSON Lines file of every signal taken, every event's end, every
+//! plan and whether the outlets followed it, device faults, and the meters at a steady pace.
+//! It is what the controller resumes from after a restart, and the record an operator hands
+//! to the utility for settlement.
+//!
+//! One thread of its own writes it, so that a slow disk never holds up the control loop: it
+//! takes records from a bounded channel, writes whatever has queued, then syncs once (group
+//! commit). Each run of the controller, and each file begun by rotation, starts with a
+//! checkpoint: the state a restart needs (events in force, ended ids for replay protection,
+//! the last switch of every outlet). Recovery applies the live file's records in order, so
+//! whatever came after the newest checkpoint is on top of it. The live file and the writer's
+//! own copy of the state go through the same [`State::apply`] the engine uses, so what is
+//! resumed is what was in force.
+//!
+//! ```text
+//!   demo.jsonl.2        demo.jsonl.1        demo.jsonl (live)
+//!   [cp ... plan ...]   [cp ... meters ..]  [cp accepted plan confirmed meters completed ..
+//!    ^ every file starts with a checkpoint, so the live file alone is enough to resume
+//! ```
+//!
+//! A crash may cut the last line short; such a line (no newline) is ignored on reading and cut
+//! off before writing resumes. Other unreadable lines are counted and skipped, never fatal.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{error, warn};
+
+use crate::replay::Replay;
+use crate::signal::Signal;
+use crate::timeline::{Applied, Timeline};
+
+/// How an event ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum End {
+    /// The utility released or deleted it.
+    Released,
+    /// Its last directive ran out.
+    Expired,
+    /// The controller's stale-signal policy ended it (the utility may re-assert it).
+    Stale,
+}
+
+/// One line of the journal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum Record {
+    /// The state to resume from: begins every run and every rotated file.
+    Checkpoint {
+        at: Timestamp,
+        site: String,
+        state: State,
+    },
+    /// A signal taken: from the utility on `topic`, or the stale-signal policy's (no topic).
+    Accepted {
+        at: Timestamp,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic: Option<String>,
+        /// The sender's own time for the signal, where its format gives one (maestro).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sent_at: Option<Timestamp>,
+        signal: Signal,
+    },
+    /// An event ended, with the site as measured then.
+    Completed {
+        at: Timestamp,
+        id: String,
+        end: End,
+        site_kw: Option<f64>,
+        asic_kw: Option<f64>,
+    },
+    /// A plan that switched outlets (by PDU name, outlet numbers), and why.
+    Plan {
+        at: Timestamp,
+        generation: u64,
+        limit_kw: f64,
+        budget_kw: f64,
+        shortfall_kw: f64,
+        directives: Vec<String>,
+        off: BTreeMap<String, Vec<u16>>,
+        on: BTreeMap<String, Vec<u16>>,
+    },
+    /// Every outlet the plan switched was read back in its new state.
+    Confirmed {
+        at: Timestamp,
+        generation: u64,
+        after_ms: u64,
+    },
+    /// These outlets of the plan were not seen to follow it in time.
+    Unconfirmed {
+        at: Timestamp,
+        generation: u64,
+        outlets: BTreeMap<String, Vec<u16>>,
+    },
+    /// A device stopped answering, answered wrongly, or its relays disagree.
+    Fault {
+        at: Timestamp,
+        device: String,
+        reason: String,
+    },
+    /// A faulted device answers properly again.
+    Recovered { at: Timestamp, device: String },
+    /// The meters, at the journal's meter interval.
+    Meters {
+        at: Timestamp,
+        site_kw: Option<f64>,
+        asic_kw: Option<f64>,
+        gpu_kw: Option<f64>,
+        limit_kw: f64,
+        shed_kw: f64,
+    },
+    /// Records lost because the disk fell behind (the queue was full).
+    Gap { at: Timestamp, lost: u64 },
+}
+
+/// The last switch gridshed made on an outlet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Switch {
+    pub on: bool,
+    pub at: Timestamp,
+}
+
+/// What a restart needs: built by applying records in order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub timeline: Timeline,
+    pub replay: Replay,
+    /// PDU name → outlet → the last switch gridshed made there.
+    pub switched: BTreeMap<String, BTreeMap<u16, Switch>>,
+}
+
+impl State {
+    /// Applies one record; what it did to the timeline.
+    pub fn apply(&mut self, record: &Record) -> Applied {
+        match record {
+            Record::Checkpoint { state, .. } => {
+                *self = state.clone();
+                Applied::Unchanged
+            }
+            Record::Accepted {
+                signal, sent_at, ..
+            } => {
+                self.replay.taken(*sent_at);
+                self.timeline.apply(signal)
+            }
+            Record::Completed { at, id, end, .. } => {
+                if *end != End::Stale {
+                    self.replay.ended(id, *at);
+                }
+                self.timeline.apply(&Signal::Release {
+                    id: Some(id.clone()),
+                })
+            }
+            Record::Plan { at, off, on, .. } => {
+                for (outlets, state) in [(off, false), (on, true)] {
+                    for (pdu, numbers) in outlets {
+                        let entry = self.switched.entry(pdu.clone()).or_default();
+                        for n in numbers {
+                            entry.insert(*n, Switch { on: state, at: *at });
+                        }
+                    }
+                }
+                Applied::Unchanged
+            }
+            Record::Confirmed { .. }
+            | Record::Unconfirmed { .. }
+            | Record::Fault { .. }
+            | Record::Recovered { .. }
+            | Record::Meters { .. }
+            | Record::Gap { .. } => Applied::Unchanged,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("journal {}: cannot {what}: {source}", path.display())]
+pub struct JournalError {
+    pub path: PathBuf,
+    pub what: &'static str,
+    #[source]
+    pub source: io::Error,
+}
+
+/// What was read back at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    pub state: State,
+    /// The file it came from (the live file, or a rotated one after a crash mid-rotation).
+    pub from: Option<PathBuf>,
+    pub records: usize,
+    /// Lines that could not be read (corrupt, or written by a newer version).
+    pub skipped: usize,
+    /// The last line was cut short by a crash.
+    pub torn: bool,
+}
+
+/// Reads a journal file: its records applied in order onto an empty state. Never fails on
+/// content; only on I/O.
+pub fn read(path: &Path) -> io::Result<Recovered> {
+    let (rec, _) = read_with_length(path)?;
+    Ok(rec)
+}
+
+/// Like [`read`], with the length of the file up to its last complete line.
+fn read_with_length(path: &Path) -> io::Result<(Recovered, u64)> {
+    let mut reader = BufReader::new(File::open(path)?);
+    let mut out = Recovered {
+        from: Some(path.to_path_buf()),
+        ..Recovered::default()
+    };
+    let mut line = Vec::new();
+    let mut complete: u64 = 0;
+    let mut number = 0usize;
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        number += 1;
+        if line.last() != Some(&b'\n') {
+            out.torn = true;
+            break;
+        }
+        complete += n as u64;
+        match serde_json::from_slice::<Record>(&line) {
+            Ok(r) => {
+                out.state.apply(&r);
+                out.records += 1;
+            }
+            Err(e) => {
+                if out.skipped < 5 {
+                    warn!(file = %path.display(), line = number, error = %e, "journal line unreadable; skipped");
+                }
+                out.skipped += 1;
+            }
+        }
+    }
+    Ok((out, complete))
+}
+
+/// Every file of a journal: the live one, then the rotated ones newest first.
+pub fn files(path: &Path) -> Vec<PathBuf> {
+    let mut out = vec![path.to_path_buf()];
+    for k in 1.. {
+        let p = rotated(path, k);
+        if !p.exists() {
+            break;
+        }
+        out.push(p);
+    }
+    out
+}
+
+fn rotated(path: &Path, k: u32) -> PathBuf {
+    suffixed(path, &k.to_string())
+}
+
+fn suffixed(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".");
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// Where records go: a bounded queue to the journal's thread. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    tx: mpsc::Sender<Record>,
+    lost: Arc<AtomicU64>,
+}
+
+impl Sender {
+    /// Queues a record without waiting. If the disk has fallen so far behind that the queue
+    /// is full, the record is counted as lost and the journal says so in a `gap` record.
+    pub fn record(&self, record: Record) {
+        if self.tx.try_send(record).is_err() {
+            let lost = self.lost.fetch_add(1, Ordering::Relaxed) + 1;
+            if lost.is_power_of_two() {
+                warn!(lost, "journal queue full: records lost");
+            }
+        }
+    }
+}
+
+/// The journal's writer thread; joined at shutdown so that everything queued reaches the disk.
+pub struct Writer {
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Waits until every record queued before the last [`Sender`] was dropped is on disk.
+    pub fn finish(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Records queued at most before new ones count as lost.
+const QUEUE: usize = 16 * 1024;
+
+/// Opens (or creates) the journal of `config`, reads back what it holds, and starts its writer
+/// with a checkpoint of that state.
+pub fn open(
+    config: &site_config::Journal,
+    site: &str,
+    now: Timestamp,
+) -> Result<(Sender, Writer, Recovered), JournalError> {
+    let path = config.path.clone();
+    let fail = |what: &'static str| {
+        let path = path.clone();
+        move |source| JournalError { path, what, source }
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(fail("create its directory"))?;
+    }
+    let next = suffixed(&path, "next");
+    // A crash during rotation can leave the new file not yet renamed: finish the rotation.
+    if !path.exists() && next.exists() {
+        std::fs::rename(&next, &path).map_err(fail("finish an interrupted rotation"))?;
+    }
+    let mut recovered = Recovered::default();
+    let mut length = 0;
+    if path.exists() {
+        (recovered, length) = read_with_length(&path).map_err(fail("read it"))?;
+    } else if rotated(&path, 1).exists() {
+        // The live file was lost after rotating: the newest rotated file still holds the state.
+        recovered = read(&rotated(&path, 1)).map_err(fail("read its newest rotated file"))?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(fail("open it for appending"))?;
+    if recovered.torn {
+        // Cut the torn line off, or the next record would be glued to it.
+        file.set_len(length)
+            .map_err(fail("cut off a torn last line"))?;
+    }
+    let mut state = recovered.state.clone();
+    state.replay.forget_old(now);
+    let mut files = Files {
+        path: path.clone(),
+        file,
+        len: length,
+        max_bytes: config.max_bytes,
+        keep: config.keep,
+        site: site.to_owned(),
+    };
+    files
+        .append(&[checkpoint(site, now, &state)])
+        .map_err(fail("write to it"))?;
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let lost = Arc::new(AtomicU64::new(0));
+    let thread = std::thread::Builder::new()
+        .name("journal".into())
+        .spawn({
+            let lost = lost.clone();
+            move || write_loop(files, state, rx, lost)
+        })
+        .map_err(fail("start its writer thread"))?;
+    Ok((
+        Sender { tx, lost },
+        Writer {
+            thread: Some(thread),
+        },
+        recovered,
+    ))
+}
+
+/// Appends `record` to `buf` as one line.
+fn line(buf: &mut Vec<u8>, record: &Record) {
+    // Records hold plain data (finite numbers, strings): serialising cannot fail.
+    if serde_json::to_writer(&mut *buf, record).is_ok() {
+        buf.push(b'\n');
+    }
+}
+
+fn checkpoint(site: &str, at: Timestamp, state: &State) -> Record {
+    Record::Checkpoint {
+        at,
+        site: site.to_owned(),
+        state: state.clone(),
+    }
+}
+
+struct Files {
+    path: PathBuf,
+    file: File,
+    /// Bytes in the live file.
+    len: u64,
+    max_bytes: u64,
+    keep: u32,
+    site: String,
+}
+
+impl Files {
+    /// Writes records, then syncs them to disk.
+    fn append(&mut self, records: &[Record]) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(256 * records.len());
+        for r in records {
+            line(&mut buf, r);
+        }
+        self.write(&buf)
+    }
+
+    /// Writes whole lines, then syncs them to disk.
+    fn write(&mut self, lines: &[u8]) -> io::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(lines)?;
+        self.file.sync_data()?;
+        self.len += lines.len() as u64;
+        Ok(())
+    }
+
+    /// Starts a new live file beginning with a checkpoint of `state`; the old one becomes
+    /// `.1`, `.1` becomes `.2`, and so on; the oldest beyond `keep` is dropped.
+    ///
+    /// The new file is complete and synced before any rename, so a crash at any point leaves
+    /// either the old live file, or the new one under `.next` (which [`open`] finishes), and
+    /// never a state that is lost.
+    fn rotate(&mut self, state: &State) -> io::Result<()> {
+        let next = suffixed(&self.path, "next");
+        let mut line = serde_json::to_vec(&checkpoint(&self.site, Timestamp::now(), state))
+            .map_err(io::Error::other)?;
+        line.push(b'\n');
+        let mut f = File::create(&next)?;
+        f.write_all(&line)?;
+        f.sync_all()?;
+        for k in (1..self.keep).rev() {
+            match std::fs::rename(rotated(&self.path, k), rotated(&self.path, k + 1)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        std::fs::rename(&self.path, rotated(&self.path, 1))?;
+        std::fs::rename(&next, &self.path)?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.len = line.len() as u64;
+        Ok(())
+    }
+}
+
+/// The writer thread: group commits until every [`Sender`] is gone.
+fn write_loop(
+    mut files: Files,
+    mut state: State,
+    mut rx: mpsc::Receiver<Record>,
+    lost: Arc<AtomicU64>,
+) {
+    let mut batch = Vec::new();
+    let mut failing = false;
+    while let Some(first) = rx.blocking_recv() {
+        batch.clear();
+        batch.push(first);
+        while batch.len() < 1024
+            && let Ok(r) = rx.try_recv()
+        {
+            batch.push(r);
+        }
+        let gap = lost.swap(0, Ordering::Relaxed);
+        if gap > 0 {
+            batch.push(Record::Gap {
+                at: Timestamp::now(),
+                lost: gap,
+            });
+        }
+        // Rotation happens between records, as soon as the live file is full, so a file
+        // exceeds `max_bytes` by one record at most and each begins with the state before its
+        // first record.
+        let mut buf = Vec::new();
+        let mut result = Ok(());
+        for r in &batch {
+            state.apply(r);
+            line(&mut buf, r);
+            if files.len + buf.len() as u64 > files.max_bytes {
+                result = result.and(files.write(&buf));
+                buf.clear();
+                if let Err(e) = files.rotate(&state) {
+                    error!(file = %files.path.display(), error = %e, "journal rotation failed; appending to the live file");
+                    // Try again only after another max_bytes.
+                    files.len = 0;
+                }
+            }
+        }
+        result = result.and(files.write(&buf));
+        // One error line when writing starts failing (a full disk), one when it recovers:
+        // the controller goes on controlling either way.
+        match result {
+            Ok(()) if failing => {
+                failing = false;
+                warn!(file = %files.path.display(), "journal writes succeed again");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                error!(file = %files.path.display(), error = %e, "journal write failed; records are being lost");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signal::{Action, Directive};
+    use site_config::SignalFormat;
+    use std::time::Duration;
+
+    fn dir(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("gridshed-journal-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn config(path: PathBuf, max_bytes: u64) -> site_config::Journal {
+        site_config::Journal {
+            path,
+            max_bytes,
+            keep: 3,
+            meter_interval: Duration::from_secs(2),
+        }
+    }
+
+    fn t(s: &str) -> Timestamp {
+        format!("2026-11-22T{s}:00Z").parse().unwrap()
+    }
+
+    fn accepted(id: &str, at: &str) -> Record {
+        Record::Accepted {
+            at: t(at),
+            topic: Some("sites/demo/signals".into()),
+            sent_at: None,
+            signal: Signal::Event {
+                id: id.into(),
+                directives: vec![Directive {
+                    id: id.into(),
+                    interval: 0,
+                    action: Action::ImportLimit { kw: 120.0 },
+                    start: t(at),
+                    end: Some(t("12:00")),
+                    priority: 1,
+                    emergency: false,
+                    format: SignalFormat::Native,
+                }],
+            },
+        }
+    }
+
+    fn completed(id: &str, at: &str, end: End) -> Record {
+        Record::Completed {
+            at: t(at),
+            id: id.into(),
+            end,
+            site_kw: Some(100.0),
+            asic_kw: Some(40.0),
+        }
+    }
+
+    fn plan(at: &str, pdu: &str, off: &[u16]) -> Record {
+        Record::Plan {
+            at: t(at),
+            generation: 1,
+            limit_kw: 120.0,
+            budget_kw: 50.0,
+            shortfall_kw: 0.0,
+            directives: vec!["evt-1".into()],
+            off: BTreeMap::from([(pdu.to_owned(), off.to_vec())]),
+            on: BTreeMap::new(),
+        }
+    }
+
+    fn write_all(cfg: &site_config::Journal, records: Vec<Record>) {
+        let (tx, writer, _) = open(cfg, "demo", t("09:00")).unwrap();
+        for r in records {
+            tx.record(r);
+        }
+        drop(tx);
+        writer.finish();
+    }
+
+    #[test]
+    fn what_was_written_is_what_is_read_back_after_a_restart() {
+        let cfg = config(dir("roundtrip").join("j.jsonl"), 1 << 20);
+        write_all(
+            &cfg,
+            vec![
+                accepted("evt-1", "10:00"),
+                plan("10:00", "pdu-1", &[1, 2]),
+                accepted("evt-2", "10:05"),
+                completed("evt-2", "10:10", End::Released),
+            ],
+        );
+        let (_, writer, back) = open(&cfg, "demo", t("10:20")).unwrap();
+        writer.finish();
+        assert!(!back.torn);
+        assert_eq!(back.skipped, 0);
+        assert_eq!(back.records, 5, "a checkpoint and four records");
+        let ids: Vec<&str> = back.state.timeline.events().map(|(id, _)| id).collect();
+        assert_eq!(ids, vec!["evt-1"]);
+        assert!(
+            back.state
+                .replay
+                .check(&Signal::Release { id: None }, None)
+                .is_ok()
+        );
+        assert_eq!(back.state.replay.len(), 1, "evt-2 is remembered as ended");
+        assert_eq!(
+            back.state.switched["pdu-1"][&2],
+            Switch {
+                on: false,
+                at: t("10:00")
+            }
+        );
+    }
+
+    #[test]
+    fn a_torn_last_line_is_ignored_and_cut_off_before_writing_resumes() {
+        let path = dir("torn").join("j.jsonl");
+        let cfg = config(path.clone(), 1 << 20);
+        write_all(&cfg, vec![accepted("evt-1", "10:00")]);
+        // A crash in the middle of writing the next record.
+        let half = serde_json::to_string(&accepted("evt-2", "10:01")).unwrap();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&half.as_bytes()[..half.len() / 2]).unwrap();
+        drop(f);
+
+        let read_back = read(&path).unwrap();
+        assert!(read_back.torn);
+        assert!(read_back.state.timeline.contains("evt-1"));
+        assert!(!read_back.state.timeline.contains("evt-2"));
+
+        let (tx, writer, back) = open(&cfg, "demo", t("10:02")).unwrap();
+        assert!(back.torn);
+        tx.record(accepted("evt-3", "10:03"));
+        drop(tx);
+        writer.finish();
+        let after = read(&path).unwrap();
+        assert!(!after.torn);
+        assert_eq!(after.skipped, 0, "the torn half was cut off, not glued to");
+        assert!(after.state.timeline.contains("evt-3"));
+    }
+
+    #[test]
+    fn unreadable_lines_are_skipped_and_the_rest_still_count() {
+        let path = dir("garbage").join("j.jsonl");
+        let line = |r: &Record| serde_json::to_string(r).unwrap() + "\n";
+        let text = [
+            line(&accepted("evt-1", "10:00")),
+            "{\"record\":\"from_the_future\",\"x\":1}\n".into(),
+            "\u{0}\u{1}garbage\n".into(),
+            line(&accepted("evt-2", "10:01")),
+        ]
+        .concat();
+        std::fs::write(&path, text).unwrap();
+        let back = read(&path).unwrap();
+        assert_eq!((back.records, back.skipped, back.torn), (2, 2, false));
+        assert!(back.state.timeline.contains("evt-1"));
+        assert!(back.state.timeline.contains("evt-2"));
+    }
+
+    #[test]
+    fn rotation_starts_each_file_with_a_checkpoint_and_keeps_the_newest() {
+        let path = dir("rotate").join("j.jsonl");
+        let cfg = config(path.clone(), 2_000);
+        let (tx, writer, _) = open(&cfg, "demo", t("09:00")).unwrap();
+        tx.record(accepted("evt-1", "10:00"));
+        for k in 0..200u16 {
+            tx.record(Record::Meters {
+                at: t("10:00"),
+                site_kw: Some(f64::from(k)),
+                asic_kw: None,
+                gpu_kw: Some(40.0),
+                limit_kw: 120.0,
+                shed_kw: 0.0,
+            });
+        }
+        drop(tx);
+        writer.finish();
+        let all = files(&path);
+        assert_eq!(all.len(), 4, "the live file and keep = 3 rotated: {all:?}");
+        for f in &all {
+            let first = std::fs::read_to_string(f).unwrap();
+            let first = first.lines().next().unwrap();
+            assert!(
+                first.contains("\"record\":\"checkpoint\""),
+                "{f:?}: {first}"
+            );
+            let back = read(f).unwrap();
+            assert!(
+                back.state.timeline.contains("evt-1"),
+                "{f:?} alone resumes the event"
+            );
+        }
+        assert!(std::fs::metadata(&path).unwrap().len() < 4_000);
+    }
+
+    #[test]
+    fn a_crash_between_the_renames_of_a_rotation_loses_nothing() {
+        let path = dir("midrotate").join("j.jsonl");
+        let cfg = config(path.clone(), 1 << 20);
+        write_all(&cfg, vec![accepted("evt-1", "10:00")]);
+        // The state of the disk after `live -> .1` and before `.next -> live`.
+        let next = suffixed(&path, "next");
+        std::fs::rename(&path, rotated(&path, 1)).unwrap();
+        let cp = serde_json::to_string(&checkpoint(
+            "demo",
+            t("10:01"),
+            &read(&rotated(&path, 1)).unwrap().state,
+        ))
+        .unwrap();
+        std::fs::write(&next, cp + "\n").unwrap();
+        let (_, writer, back) = open(&cfg, "demo", t("10:02")).unwrap();
+        writer.finish();
+        assert!(back.state.timeline.contains("evt-1"));
+        assert!(path.exists() && !next.exists());
+    }
+
+    #[test]
+    fn a_stale_policy_end_is_not_remembered_as_a_replay_but_a_release_is() {
+        let mut s = State::default();
+        s.apply(&accepted("evt-1", "10:00"));
+        s.apply(&accepted("evt-2", "10:00"));
+        s.apply(&completed("evt-1", "10:01", End::Stale));
+        s.apply(&completed("evt-2", "10:01", End::Released));
+        let again = |id: &str| match accepted(id, "10:02") {
+            Record::Accepted { signal, .. } => signal,
+            _ => unreachable!(),
+        };
+        assert!(s.replay.check(&again("evt-1"), None).is_ok());
+        assert!(s.replay.check(&again("evt-2"), None).is_err());
+        assert!(s.timeline.in_force(t("10:02")).is_empty());
+    }
+}
