@@ -148,6 +148,9 @@ pub struct Engine {
     resumed: Vec<Option<Switch>>,
     /// The newest plan that switched outlets, until they are all seen to follow.
     pending: Option<Pending>,
+    /// PDUs whose relays disagreed: how often (never forgotten: a relay that stuck once is
+    /// given longer next time), and until when they stay faulted.
+    distrust: BTreeMap<DeviceId, (u32, Instant)>,
     asics: Vec<AsicTrack>,
     /// Per device, its fault (if any).
     faults: BTreeMap<DeviceId, DeviceError>,
@@ -181,6 +184,12 @@ pub struct Engine {
     /// The stale-signal policy has acted since the last signal.
     stale_acted: bool,
 }
+
+/// How long a PDU whose relays disagreed stays distrusted: doubling with each disagreement.
+const DISTRUST: crate::backoff::Backoff = crate::backoff::Backoff {
+    min: Duration::from_secs(2),
+    max: Duration::from_secs(60),
+};
 
 /// The id under which the `curtail` stale-signal policy holds its directive.
 pub const STALE_ID: &str = "stale-signal";
@@ -221,6 +230,7 @@ impl Engine {
             journal,
             resumed: last_switch,
             pending: None,
+            distrust: BTreeMap::new(),
             asics: vec![AsicTrack::default(); site.asics.len()],
             faults: BTreeMap::new(),
             meter_kw: vec![None; site.meters.len()],
@@ -450,7 +460,15 @@ impl Engine {
             } => {
                 let device = DeviceId::Pdu(pdu);
                 self.heard.insert(device);
-                let cleared = self.cleared(device);
+                // A PDU whose relays disagreed is trusted again only after its backoff, however
+                // well it answers meanwhile: a stuck relay must not flap faulted/fine each poll.
+                let distrusted =
+                    matches!(self.faults.get(&device), Some(DeviceError::Disagrees(_)))
+                        && self
+                            .distrust
+                            .get(&device)
+                            .is_some_and(|(_, until)| Instant::now() < *until);
+                let cleared = !distrusted && self.cleared(device);
                 let now = Timestamp::now();
                 let mut changed = cleared;
                 for &id in &self.asics_by_pdu[pdu.0 as usize] {
@@ -505,6 +523,9 @@ impl Engine {
                 self.mark_reported(device);
                 self.heard.insert(device);
                 let name = self.site.device_name(device).to_owned();
+                if let (DeviceError::Disagrees(outlets), DeviceId::Pdu(pdu)) = (&error, device) {
+                    self.disagreed(pdu, outlets);
+                }
                 let fresh = self.faults.insert(device, error.clone()).as_ref() != Some(&error);
                 if fresh {
                     warn!(device = %name, %error, "device faulted");
@@ -533,6 +554,23 @@ impl Engine {
             device: name,
         });
         true
+    }
+
+    /// Relays of `pdu` did not follow a write: the controller stops claiming their state (the
+    /// plan counts them as they read) and distrusts the PDU for a backoff that grows with each
+    /// disagreement, after which it tries them again.
+    fn disagreed(&mut self, pdu: site_config::PduId, outlets: &[u16]) {
+        for id in &self.asics_by_pdu[pdu.0 as usize] {
+            if outlets.contains(&self.site.asic(*id).outlet) {
+                self.asics[id.0 as usize].commanded = None;
+            }
+        }
+        let strikes = self
+            .distrust
+            .get(&DeviceId::Pdu(pdu))
+            .map_or(1, |(n, _)| n.saturating_add(1));
+        let until = Instant::now() + DISTRUST.delay(strikes);
+        self.distrust.insert(DeviceId::Pdu(pdu), (strikes, until));
     }
 
     fn sample_gpu(&mut self, now: Timestamp) {

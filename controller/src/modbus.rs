@@ -188,6 +188,9 @@ struct Endpoint {
     ctx: Option<Context>,
     failures: u32,
     next_attempt: Instant,
+    /// Devices that answered with an exception or nonsense, with their failure count and when
+    /// to ask them again: a faulted device is retried with backoff, not at every poll.
+    retry: BTreeMap<DeviceId, (u32, Instant)>,
 }
 
 enum CallError {
@@ -245,6 +248,7 @@ impl Endpoint {
             ctx: None,
             failures: 0,
             next_attempt: Instant::now(),
+            retry: BTreeMap::new(),
         }
     }
 
@@ -367,8 +371,12 @@ impl Endpoint {
                 return;
             }
             let meter = self.meters[i];
+            if self.backing_off(DeviceId::Meter(meter)) {
+                continue;
+            }
             match self.read_meter(meter).await {
                 Ok(kw) => {
+                    self.retry.remove(&DeviceId::Meter(meter));
                     self.report(Report::Meter {
                         meter,
                         at: Instant::now(),
@@ -388,8 +396,12 @@ impl Endpoint {
                 self.actuate().await;
             }
             let pdu = self.pdus[i].id;
+            if self.backing_off(DeviceId::Pdu(pdu)) {
+                continue;
+            }
             match self.read_pdu(pdu).await {
                 Ok((relays, power_w)) => {
+                    self.retry.remove(&DeviceId::Pdu(pdu));
                     let at = Instant::now();
                     let stuck = self.verify(i, &relays, at);
                     self.pdus[i].relays = Some(relays.clone());
@@ -429,10 +441,23 @@ impl Endpoint {
             .collect()
     }
 
+    /// True while `device` waits out its backoff after a failure.
+    fn backing_off(&self, device: DeviceId) -> bool {
+        self.retry
+            .get(&device)
+            .is_some_and(|(_, at)| Instant::now() < *at)
+    }
+
     async fn device_failed(&mut self, device: DeviceId, e: CallError) {
         match e {
             CallError::Link(error) => self.link_down(error).await,
             CallError::Device(error) => {
+                let failures = self
+                    .retry
+                    .get(&device)
+                    .map_or(1, |(n, _)| n.saturating_add(1));
+                let next = Instant::now() + self.timing.backoff.delay(failures);
+                self.retry.insert(device, (failures, next));
                 self.report(Report::Fault {
                     device,
                     at: Instant::now(),
@@ -574,6 +599,9 @@ impl Endpoint {
         for i in 0..self.pdus.len() {
             if self.ctx.is_none() {
                 return;
+            }
+            if self.backing_off(DeviceId::Pdu(self.pdus[i].id)) {
+                continue;
             }
             if let Err(e) = self.write_pdu(i, &want).await {
                 let pdu = self.pdus[i].id;

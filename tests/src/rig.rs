@@ -55,20 +55,23 @@ impl Client {
         o.set_keep_alive(Duration::from_secs(5));
         o.set_max_packet_size(4 << 20, 4 << 20);
         let (client, mut eventloop) = AsyncClient::new(o, 256);
-        for t in topics {
-            client
-                .subscribe(*t, QoS::AtLeastOnce)
-                .await
-                .expect("queue subscribe");
-        }
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let expected = topics.len();
+        let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+        let resubscribe = client.clone();
         let task = tokio::spawn(async move {
             let mut ready = Some(ready_tx);
             let mut subacks = 0;
             loop {
                 match eventloop.poll().await {
+                    // Subscribe on every connection the broker does not remember (a broker
+                    // restarted in an outage test forgets us).
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) if !ack.session_present => {
+                        for t in &topics {
+                            let _ = resubscribe.try_subscribe(t.clone(), QoS::AtLeastOnce);
+                        }
+                    }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         subacks += 1;
                         if subacks >= expected
@@ -168,6 +171,20 @@ pub fn fast_policy(site: &mut Site) {
     site.policy.gpu_peak_window = Duration::from_secs(6);
 }
 
+/// Gives `site` a journal in a fresh temporary directory; returns the journal's path.
+pub fn journal_in_temp(site: &mut Site) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(unique("gridshed-journal"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("journal.jsonl");
+    site.journal = Some(site_config::Journal {
+        path: path.clone(),
+        max_bytes: 64 << 20,
+        keep: 3,
+        meter_interval: Duration::from_secs(1),
+    });
+    path
+}
+
 /// Shows the controller's and simulator's logs in test output when RUST_LOG is set.
 pub fn init_logging() {
     if std::env::var_os("RUST_LOG").is_some() {
@@ -208,8 +225,12 @@ impl Rig {
     /// simulator's ports and `broker` as its only broker already set, so it may change the MQTT
     /// settings too (TLS, credentials, a fallback URL).
     pub async fn start_on(broker: Broker, site_file: &str, adjust: impl FnOnce(&mut Site)) -> Rig {
+        Rig::start_site(broker, crate::site::load(site_file), adjust).await
+    }
+
+    /// Like [`Rig::start_on`] for a site the test has made itself.
+    pub async fn start_site(broker: Broker, site: Site, adjust: impl FnOnce(&mut Site)) -> Rig {
         init_logging();
-        let site = crate::site::load(site_file);
         let options = SimOptions {
             bind: Bind::Ephemeral,
             ..SimOptions::default()

@@ -253,9 +253,10 @@ async fn maestro_target_0_curtails_every_asic_and_100_brings_them_back(kind: Bro
         writes,
         "an identical re-send wrote nothing"
     );
+    // Sent after the re-send: a maestro message older than the newest taken is a replay.
     rig.signal(
         SignalFormat::Maestro,
-        format!(r#"{{"target":100,"timestamp":{ts}}}"#),
+        format!(r#"{{"target":100,"timestamp":{}}}"#, ts + 2),
     )
     .await;
     rig.ack(from, "maestro", "completed", 2 * SECOND).await;
