@@ -93,6 +93,11 @@ fn plan_dry_runs_a_signal_against_rated_power() {
 /// firmware-sim for small.toml on ports shifted by an offset found free, and the site file to
 /// match (the binary reads a file, so the ports must be written in it).
 async fn sim_and_site(broker: &Broker) -> (Sim, PathBuf) {
+    sim_and_site_with(broker, "").await
+}
+
+/// Like [`sim_and_site`], with `extra` appended to the site file (a `[journal]`, say).
+async fn sim_and_site_with(broker: &Broker, extra: &str) -> (Sim, PathBuf) {
     let site = hil::site::load("small.toml");
     let seed = std::process::id() as u16;
     for attempt in 0..50u16 {
@@ -109,7 +114,7 @@ async fn sim_and_site(broker: &Broker) -> (Sim, PathBuf) {
             let text = text.replace(
                 "client_id = \"gridshed-demo\"",
                 &format!("client_id = \"gridshed-cli-{offset}\""),
-            );
+            ) + extra;
             let path = temp(&format!("site-{offset}.toml"), &text);
             return (sim, path);
         }
@@ -118,19 +123,48 @@ async fn sim_and_site(broker: &Broker) -> (Sim, PathBuf) {
 }
 
 async fn start_gridshed(site: &PathBuf, utility: &mut Client) -> std::process::Child {
+    start_gridshed_logging(site, utility, None, &[]).await
+}
+
+/// Starts `gridshed run` with its log in `log` (at `RUST_LOG=info`) and extra environment
+/// variables, and waits until it says it is online (after whatever the utility saw so far).
+async fn start_gridshed_logging(
+    site: &PathBuf,
+    utility: &mut Client,
+    log: Option<&PathBuf>,
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    let stderr = match log {
+        Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+        None => Stdio::null(),
+    };
     let child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(site)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", if log.is_some() { "info" } else { "warn" })
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
+    utility.drain();
+    let from = utility.seen.len();
     utility
-        .wait_from(0, "sites/demo/status", 15 * SECOND, |s| s["online"] == true)
+        .wait_from(from, "sites/demo/status", 15 * SECOND, |s| {
+            s["online"] == true
+        })
         .await;
     child
+}
+
+/// Stops a child with SIGTERM and waits for it.
+async fn terminate(child: std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let mut child = child;
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,4 +235,215 @@ async fn the_last_will_marks_the_controller_offline_when_it_is_killed() {
         })
         .await;
     assert_eq!(will.json["site"], "demo");
+}
+
+/// Waits until `check` holds, polling every 20 ms, failing after `limit`.
+async fn until(limit: Duration, what: &str, check: impl Fn() -> bool) -> Duration {
+    let start = tokio::time::Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gridshed-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_mid_event_resumes_it_from_the_journal_and_restores_nothing_early() {
+    let broker = Broker::embedded().unwrap();
+    let journal = temp_dir("resume").join("journal.jsonl");
+    let extra = format!("\n[journal]\npath = \"{}\"\n", journal.display());
+    let (sim, site) = sim_and_site_with(&broker, &extra).await;
+    let asics = sim.site().asics.len();
+    let mut utility =
+        Client::connect(broker.port(), &["sites/demo/status", "sites/demo/ack"]).await;
+    let child = start_gridshed(&site, &mut utility).await;
+
+    let event_s = 12;
+    let ends = tokio::time::Instant::now() + Duration::from_secs(event_s);
+    utility
+        .publish(
+            "sites/demo/signals",
+            format!(r#"{{"id":"evt-kill","kind":"shed_all","duration_s":{event_s}}}"#),
+        )
+        .await;
+    until(5 * SECOND, "every ASIC off", || {
+        sim.asic_relays_off() == asics
+    })
+    .await;
+    utility
+        .wait_from(0, "sites/demo/ack", 5 * SECOND, |a| {
+            a["id"] == "evt-kill" && a["status"] == "active"
+        })
+        .await;
+
+    // SIGKILL mid-event: no goodbye, no flush beyond what the journal already synced.
+    let mut child = child;
+    child.kill().unwrap();
+    let _ = child.wait();
+    let toggles = sim.total_toggles();
+
+    let from = utility.seen.len();
+    let child = start_gridshed(&site, &mut utility).await;
+    utility
+        .wait_from(from, "sites/demo/ack", 5 * SECOND, |a| {
+            a["id"] == "evt-kill" && a["status"] == "active"
+        })
+        .await;
+    // The event goes on: until it ends, not one ASIC comes back.
+    while tokio::time::Instant::now() + Duration::from_millis(300) < ends {
+        assert_eq!(sim.asic_relays_off(), asics, "an ASIC was restored early");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        sim.total_toggles(),
+        toggles,
+        "no relay moved while the event lasted"
+    );
+    // And it ends on time, in the restarted controller, which then restores.
+    utility
+        .wait_from(from, "sites/demo/ack", 10 * SECOND, |a| {
+            a["id"] == "evt-kill" && a["status"] == "completed"
+        })
+        .await;
+    until(20 * SECOND, "ASICs restored after the event", || {
+        sim.asic_relays_off() < asics
+    })
+    .await;
+    terminate(child).await;
+
+    let text = std::fs::read_to_string(&journal).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every journal line is JSON"))
+        .collect();
+    let count = |kind: &str| records.iter().filter(|r| r["record"] == kind).count();
+    assert_eq!(count("checkpoint"), 2, "one checkpoint per run");
+    assert_eq!(count("accepted"), 1);
+    assert!(count("plan") >= 2, "the shed, and the restores");
+    assert!(count("meters") >= 5, "meters every 2 s");
+    let done = records
+        .iter()
+        .find(|r| r["record"] == "completed")
+        .expect("the end is journaled");
+    assert_eq!(
+        (done["id"].as_str(), done["end"].as_str()),
+        (Some("evt-kill"), Some("expired"))
+    );
+    let second_run = &records[records
+        .iter()
+        .rposition(|r| r["record"] == "checkpoint")
+        .unwrap()];
+    assert!(
+        second_run["state"]["timeline"]["evt-kill"].is_array(),
+        "the restart's checkpoint holds the event: {second_run}"
+    );
+}
+
+/// A broker outage mid-event, with the broker stopped and started again by the test.
+async fn a_broker_outage_holds_the_shed_and_reconnects_without_a_log_flood(broker: Broker) {
+    let mut broker = broker;
+    let (sim, site) = sim_and_site(&broker).await;
+    let asics = sim.site().asics.len();
+    let mut utility =
+        Client::connect(broker.port(), &["sites/demo/status", "sites/demo/ack"]).await;
+    let log = temp_dir(&format!("outage-{}", broker.port())).join("gridshed.log");
+    let child = start_gridshed_logging(&site, &mut utility, Some(&log), &[]).await;
+    utility
+        .publish(
+            "sites/demo/signals",
+            r#"{"id":"evt-out","kind":"shed_all"}"#,
+        )
+        .await;
+    until(5 * SECOND, "every ASIC off", || {
+        sim.asic_relays_off() == asics
+    })
+    .await;
+    utility
+        .wait_from(0, "sites/demo/ack", 5 * SECOND, |a| a["status"] == "active")
+        .await;
+
+    let writes = sim.all_writes();
+    let outage = 5 * SECOND;
+    broker.stop();
+    let end = tokio::time::Instant::now() + outage;
+    while tokio::time::Instant::now() < end {
+        assert_eq!(sim.asic_relays_off(), asics, "the shed is held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        sim.all_writes(),
+        writes,
+        "nothing written during the outage"
+    );
+
+    // The broker returns having forgotten every session.
+    let from = utility.seen.len();
+    broker.restart(true).expect("broker restarts");
+    let back = tokio::time::Instant::now();
+    utility
+        .wait_from(from, "sites/demo/ack", 10 * SECOND, |a| {
+            a["id"] == "evt-out" && a["status"] == "active"
+        })
+        .await;
+    let took = back.elapsed();
+    eprintln!("active ack re-published {took:?} after the broker returned");
+    utility
+        .wait_from(from, "sites/demo/status", 5 * SECOND, |s| {
+            s["online"] == true && s["directives"] == serde_json::json!(["evt-out"])
+        })
+        .await;
+    // Subscribed again: the release is heard.
+    utility
+        .publish("sites/demo/signals", r#"{"id":"evt-out","kind":"release"}"#)
+        .await;
+    until(20 * SECOND, "ASICs restored after the release", || {
+        sim.asic_relays_off() < asics
+    })
+    .await;
+    terminate(child).await;
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let attempts: Vec<u32> = text
+        .lines()
+        .filter(|l| l.contains("broker unreachable"))
+        .map(|l| {
+            let n = l.split("attempt=").nth(1).expect("attempt number");
+            n.split(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    // Backoff 0.1, 0.2, 0.4, 0.8, then 1 s (+ up to 25 % jitter): about 8 attempts in 5 s.
+    assert!(
+        (2..=12).contains(&attempts.len()),
+        "{} warnings in a {outage:?} outage:\n{text}",
+        attempts.len()
+    );
+    assert!(
+        attempts.windows(2).all(|w| w[1] == w[0] + 1),
+        "one warning per attempt: {attempts:?}"
+    );
+    assert!(
+        text.lines().count() < 60,
+        "the whole log of the outage fits on a screen:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_holds_the_shed_and_reconnects_without_a_log_flood_embedded() {
+    let broker = Broker::embedded().unwrap();
+    a_broker_outage_holds_the_shed_and_reconnects_without_a_log_flood(broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_holds_the_shed_and_reconnects_without_a_log_flood_mosquitto() {
+    let Some(broker) = Broker::mosquitto() else {
+        return;
+    };
+    a_broker_outage_holds_the_shed_and_reconnects_without_a_log_flood(broker.unwrap()).await;
 }
