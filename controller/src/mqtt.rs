@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, StateError,
     TlsConfiguration, Transport,
 };
 use site_config::{BrokerUrl, Site};
@@ -153,6 +153,8 @@ async fn poll(
     let brokers = site.mqtt.brokers.len();
     let mut broker = 0;
     let mut failures: u32 = 0;
+    // Set after a message too large to read: the next connection is a clean session.
+    let mut clean_once = false;
     loop {
         // Cancel-safe: EventLoop::poll may be dropped and called again (rumqttc documents it).
         let event = tokio::select! {
@@ -163,6 +165,9 @@ async fn poll(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 info!(broker = %site.mqtt.brokers[broker], session_present = ack.session_present, "connected to broker");
                 failures = 0;
+                if std::mem::take(&mut clean_once) {
+                    eventloop.mqtt_options.set_clean_session(false);
+                }
                 if !ack.session_present {
                     for s in &site.mqtt.signals {
                         if let Err(e) = client.try_subscribe(s.topic.clone(), QoS::AtLeastOnce) {
@@ -183,6 +188,16 @@ async fn poll(
             }
             Ok(_) => {}
             Err(e) => {
+                if too_large(&e) {
+                    // A persistent session would have the broker deliver the same unreadable
+                    // message after every reconnect, for ever: give that session up.
+                    warn!(
+                        limit_bytes = eventloop.mqtt_options.max_packet_size(),
+                        "a message too large to read arrived (it cannot be acknowledged); reconnecting with a clean session to get past it"
+                    );
+                    eventloop.mqtt_options.set_clean_session(true);
+                    clean_once = true;
+                }
                 failures = failures.saturating_add(1);
                 let delay = backoff.delay(failures);
                 // One line per attempt, and attempts are spaced by the backoff: no log flood.
@@ -217,6 +232,16 @@ async fn poll(
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
     Ok(())
+}
+
+/// True when the broker sent a packet larger than our transport limit.
+fn too_large(e: &ConnectionError) -> bool {
+    matches!(
+        e,
+        ConnectionError::MqttState(StateError::Deserialization(
+            rumqttc::Error::PayloadSizeLimitExceeded(_)
+        ))
+    )
 }
 
 /// The error, cut to a readable length (a broker may echo long data in an error).
