@@ -447,3 +447,106 @@ async fn a_broker_outage_holds_the_shed_and_reconnects_without_a_log_flood_mosqu
     };
     a_broker_outage_holds_the_shed_and_reconnects_without_a_log_flood(broker.unwrap()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_appear_in_the_log_even_at_trace_level() {
+    let Some(passwd) = hil::tools::require("mosquitto_passwd") else {
+        return;
+    };
+    const SECRET: &str = "s3cret-Gateway-Pass";
+    const WRONG: &str = "Wrong-but-also-Secret";
+    let dir = temp_dir("creds");
+    let file = dir.join("passwd");
+    let ok = Command::new(passwd)
+        .args(["-b", "-c"])
+        .arg(&file)
+        .args(["gateway", SECRET])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let auth_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let extra = format!(
+        "per_listener_settings true\nlistener {auth_port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n",
+        file.display()
+    );
+    let Some(broker) = Broker::mosquitto_with(&extra) else {
+        return;
+    };
+    let broker = broker.expect("mosquitto starts");
+    let (_sim, site) = sim_and_site(&broker).await;
+    // The controller logs in on the password-protected listener; the test client stays on the
+    // anonymous one.
+    let text = std::fs::read_to_string(&site).unwrap().replace(
+        &format!("mqtt://127.0.0.1:{}", broker.port()),
+        &format!("mqtt://127.0.0.1:{auth_port}"),
+    );
+    let text = text.replacen(
+        "keep_alive_s = 15",
+        "keep_alive_s = 15\nusername_env = \"GRIDSHED_MQTT_USERNAME\"\npassword_env = \"GRIDSHED_MQTT_PASSWORD\"",
+        1,
+    );
+    std::fs::write(&site, text).unwrap();
+    let mut utility =
+        Client::connect(broker.port(), &["sites/demo/status", "sites/demo/ack"]).await;
+
+    let good_log = dir.join("good.log");
+    let env = |pass| {
+        [
+            ("RUST_LOG", "trace"),
+            ("GRIDSHED_MQTT_USERNAME", "gateway"),
+            ("GRIDSHED_MQTT_PASSWORD", pass),
+        ]
+    };
+    let child = start_gridshed_logging(&site, &mut utility, Some(&good_log), &env(SECRET)).await;
+    utility
+        .publish(
+            "sites/demo/signals",
+            r#"{"id":"authed","kind":"shed","kw":5}"#,
+        )
+        .await;
+    utility
+        .wait_from(0, "sites/demo/ack", 5 * SECOND, |a| {
+            a["id"] == "authed" && a["status"] == "active"
+        })
+        .await;
+    terminate(child).await;
+
+    // A wrong password: refused, and said so, without saying what it was.
+    let bad_log = dir.join("bad.log");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&site)
+        .envs(env(WRONG))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&bad_log).unwrap()))
+        .spawn()
+        .unwrap();
+    until(10 * SECOND, "the refusal logged", || {
+        std::fs::read_to_string(&bad_log).is_ok_and(|l| l.contains("broker unreachable"))
+    })
+    .await;
+    child.kill().unwrap();
+    let _ = child.wait();
+
+    let good = std::fs::read_to_string(&good_log).unwrap();
+    let bad = std::fs::read_to_string(&bad_log).unwrap();
+    assert!(good.contains("connected to broker"), "{good}");
+    assert!(good.lines().count() > 20, "trace logging was on");
+    for (name, log) in [("good", &good), ("bad", &bad)] {
+        for secret in [SECRET, WRONG] {
+            assert!(
+                !log.contains(secret),
+                "the {name} run's log holds a password"
+            );
+        }
+    }
+}
