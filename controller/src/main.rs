@@ -159,6 +159,18 @@ fn summary(site: &Site) -> String {
         "  acks: {}\n  status: {}\n",
         site.mqtt.ack_topic, site.mqtt.status_topic
     );
+    match &site.journal {
+        Some(j) => {
+            s += &format!(
+                "journal: {} (rotated at {} MiB, {} kept, meters every {:?})\n",
+                j.path.display(),
+                j.max_bytes >> 20,
+                j.keep,
+                j.meter_interval
+            )
+        }
+        None => s += "journal: none (directives will not survive a restart)\n",
+    }
     s
 }
 

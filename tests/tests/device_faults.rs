@@ -265,3 +265,43 @@ async fn ten_percent_of_pdus_dead_as_a_signal_arrives_still_meet_the_limit_throu
     }
     assert_eq!(rig.protected_writes(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_gpu_meter_counts_its_rack_at_rating_and_the_site_stays_under_the_limit() {
+    let broker = Broker::embedded().expect("broker");
+    let mut rig = Rig::start_on(broker, "small.toml", hil::rig::fast_policy).await;
+    rig.sim
+        .set_faults(
+            "gpu-meter-1",
+            Faults {
+                no_reply: true,
+                ..Faults::default()
+            },
+        )
+        .expect("fault injected");
+    let from = rig.utility.seen.len();
+    rig.signal(
+        SignalFormat::Native,
+        r#"{"id":"blind","kind":"import_limit","kw":120}"#,
+    )
+    .await;
+    let status_topic = rig.site.mqtt.status_topic.clone();
+    rig.utility
+        .wait_from(from, &status_topic, 10 * SECOND, |s| {
+            faulted(s, "gpu-meter-1").is_some_and(|r| r.contains("no answer"))
+        })
+        .await;
+    rig.until(
+        10 * SECOND,
+        "site under 120 kW without the GPU meter",
+        |r| r.site_kw() < 120.0,
+    )
+    .await;
+    let end = Instant::now() + 2 * SECOND;
+    while Instant::now() < end {
+        let kw = rig.site_kw();
+        assert!(kw < 120.0, "site at {kw:.1} kW over the limit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(rig.protected_writes(), 0, "the meter is only ever read");
+}

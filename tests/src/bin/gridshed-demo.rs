@@ -60,7 +60,18 @@ async fn main() {
         "gridshed demo: embedded broker + firmware-sim (config/sites/small.toml) + controller\n"
     );
     let broker = Broker::embedded().expect("embedded broker starts");
+    // The settlement record of the day, beside the plot; a new demo starts a new journal.
+    let journal = out.with_extension("journal.jsonl");
+    for f in controller::journal::files(&journal) {
+        let _ = std::fs::remove_file(f);
+    }
     let mut rig = Rig::start_on(broker, "small.toml", |site| {
+        site.journal = Some(site_config::Journal {
+            path: journal.clone(),
+            max_bytes: 64 << 20,
+            keep: 3,
+            meter_interval: Duration::from_secs(2),
+        });
         // Demo-sized timings: the policy in small.toml is for the tests' and operators' eyes.
         site.policy.min_off = secs(4.0);
         site.policy.min_on = secs(4.0);
@@ -145,8 +156,9 @@ async fn main() {
     }
     std::fs::write(&out, svg).expect("write the plot");
     report(&rig, &samples, &marks);
-    println!("\nplot: {}", out.display());
     rig.stop_controller().await;
+    println!("\nplot: {}", out.display());
+    println!("journal: {}", journal.display());
 }
 
 fn measure(rig: &Rig, t: f64, limit_kw: f64) -> Sample {
