@@ -450,37 +450,13 @@ async fn a_broker_outage_holds_the_shed_and_reconnects_without_a_log_flood_mosqu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_never_appear_in_the_log_even_at_trace_level() {
-    let Some(passwd) = hil::tools::require("mosquitto_passwd") else {
-        return;
-    };
     const SECRET: &str = "s3cret-Gateway-Pass";
     const WRONG: &str = "Wrong-but-also-Secret";
-    let dir = temp_dir("creds");
-    let file = dir.join("passwd");
-    let ok = Command::new(passwd)
-        .args(["-b", "-c"])
-        .arg(&file)
-        .args(["gateway", SECRET])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
-    let auth_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let extra = format!(
-        "per_listener_settings true\nlistener {auth_port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n",
-        file.display()
-    );
-    let Some(broker) = Broker::mosquitto_with(&extra) else {
+    let Some(started) = Broker::mosquitto_with_password("gateway", SECRET) else {
         return;
     };
-    let broker = broker.expect("mosquitto starts");
+    let (broker, auth_port) = started.expect("mosquitto starts");
+    let dir = temp_dir("creds");
     let (_sim, site) = sim_and_site(&broker).await;
     // The controller logs in on the password-protected listener; the test client stays on the
     // anonymous one.

@@ -43,6 +43,46 @@ impl Broker {
         Some(Mosquitto::start(bin, None, extra).map(Broker::Mosquitto))
     }
 
+    /// Mosquitto with a second listener, on a free port, that takes only `user` with
+    /// `password` (the first stays anonymous, for test clients). Returns the broker and that
+    /// port; `None` when Mosquitto or mosquitto_passwd is missing (outside CI).
+    pub fn mosquitto_with_password(
+        user: &str,
+        password: &str,
+    ) -> Option<io::Result<(Broker, u16)>> {
+        let passwd = crate::tools::require("mosquitto_passwd")?;
+        let setup = || -> io::Result<(String, u16)> {
+            let port = StdListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let dir =
+                std::env::temp_dir().join(format!("gridshed-passwd-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let file = dir.join("passwd");
+            let ok = Command::new(passwd)
+                .args(["-b", "-c"])
+                .arg(&file)
+                .args([user, password])
+                .status()?;
+            if !ok.success() {
+                return Err(io::Error::other("mosquitto_passwd failed"));
+            }
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
+            }
+            // Mosquitto 2: per-listener authentication, for the second listener only.
+            let extra = format!(
+                "per_listener_settings true\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n",
+                file.display()
+            );
+            Ok((extra, port))
+        };
+        let (extra, port) = match setup() {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(Self::mosquitto_with(&extra)?.map(|b| (b, port)))
+    }
+
     pub fn port(&self) -> u16 {
         match self {
             Broker::Embedded(b) => b.addr.port(),

@@ -248,33 +248,10 @@ async fn mqtts_refuses_a_broker_whose_certificate_the_ca_did_not_sign() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_come_from_the_environment_variables_the_site_file_names() {
-    let Some(passwd) = hil::tools::require("mosquitto_passwd") else {
+    let Some(started) = Broker::mosquitto_with_password("gateway", "s3cret-pass") else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("gridshed-passwd-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("passwd");
-    let ok = std::process::Command::new(passwd)
-        .args(["-b", "-c"])
-        .arg(&file)
-        .args(["gateway", "s3cret-pass"])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
-    let auth_port = free_port();
-    // Mosquitto 2: per-listener authentication for the controller's listener only.
-    let extra = format!(
-        "per_listener_settings true\nlistener {auth_port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n",
-        file.display()
-    );
-    let Some(broker) = Broker::mosquitto_with(&extra) else {
-        return;
-    };
-    let broker = broker.expect("mosquitto starts");
+    let (broker, auth_port) = started.expect("mosquitto starts");
     let user_var = format!("GRIDSHED_TEST_USER_{}", std::process::id());
     let pass_var = format!("GRIDSHED_TEST_PASS_{}", std::process::id());
     // SAFETY: these variables are unique to this test process and read only by this test's
@@ -290,7 +267,6 @@ async fn credentials_come_from_the_environment_variables_the_site_file_names() {
     })
     .await;
     shed_works(&mut rig, "authenticated").await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
