@@ -208,9 +208,12 @@ impl Engine {
     /// to `journal`.
     pub fn new(
         site: Arc<Site>,
-        resumed: journal::State,
+        mut resumed: journal::State,
         journal: Option<journal::Sender>,
     ) -> Engine {
+        // Only the journal's writer keeps outlet switches up to date; the engine needs them once,
+        // per ASIC, below.
+        let switched = std::mem::take(&mut resumed.switched);
         let mut asics_by_pdu = vec![Vec::new(); site.pdus.len()];
         for a in &site.asics {
             asics_by_pdu[a.pdu.0 as usize].push(a.id);
@@ -219,7 +222,7 @@ impl Engine {
             .asics
             .iter()
             .map(|a| {
-                let outlets = resumed.switched.get(&site.pdu(a.pdu).name)?;
+                let outlets = switched.get(&site.pdu(a.pdu).name)?;
                 outlets.get(&a.outlet).copied()
             })
             .collect();
@@ -730,17 +733,10 @@ impl Engine {
         let changes = plan.changes(&snap).count();
         if changes > 0 {
             self.generation += 1;
-            let mut off: BTreeMap<String, Vec<u16>> = BTreeMap::new();
-            let mut on_: BTreeMap<String, Vec<u16>> = BTreeMap::new();
             for (id, on) in plan.changes(&snap) {
                 let t = &mut self.asics[id.0 as usize];
                 t.commanded = Some(on);
                 t.since = Some(now);
-                let a = self.site.asic(id);
-                let list = if on { &mut on_ } else { &mut off };
-                list.entry(self.site.pdu(a.pdu).name.clone())
-                    .or_default()
-                    .push(a.outlet);
             }
             self.last_switch = Some(now);
             self.reported_since_switch.fill(false);
@@ -767,6 +763,14 @@ impl Engine {
                 asics: Some(Arc::new(plan.desired.clone())),
             });
             // After the devices have their orders: the record can wait, the shed cannot.
+            let switched = |to: bool| {
+                self.outlets_by_pdu(
+                    plan.changes(&snap)
+                        .filter(|(_, on)| *on == to)
+                        .map(|(id, _)| id),
+                )
+            };
+            let (off, on) = (switched(false), switched(true));
             self.record(Record::Plan {
                 at: now,
                 generation: self.generation,
@@ -775,7 +779,7 @@ impl Engine {
                 shortfall_kw: round1(plan.shortfall_kw),
                 directives: events,
                 off,
-                on: on_,
+                on,
             });
             let started = Instant::now();
             self.pending = Some(Pending {
@@ -886,10 +890,11 @@ impl Engine {
             return;
         };
         let lagging = || {
-            self.site.asics.iter().filter(|a| {
-                let t = &self.asics[a.id.0 as usize];
-                t.commanded.is_some() && t.seen != t.commanded
-            })
+            self.asics
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.commanded.is_some() && t.seen != t.commanded)
+                .map(|(i, _)| site_config::AsicId(i as u32))
         };
         let now = Instant::now();
         if lagging().next().is_none() {
@@ -899,13 +904,7 @@ impl Engine {
                 after_ms: now.duration_since(p.at).as_millis() as u64,
             });
         } else if now >= p.deadline {
-            let mut outlets: BTreeMap<String, Vec<u16>> = BTreeMap::new();
-            for a in lagging() {
-                outlets
-                    .entry(self.site.pdu(a.pdu).name.clone())
-                    .or_default()
-                    .push(a.outlet);
-            }
+            let outlets = self.outlets_by_pdu(lagging());
             warn!(
                 generation = p.generation,
                 ?outlets,
@@ -920,6 +919,25 @@ impl Engine {
             return;
         }
         self.pending = None;
+    }
+
+    /// ASICs as the journal names them: outlet numbers by PDU name.
+    fn outlets_by_pdu(
+        &self,
+        asics: impl Iterator<Item = site_config::AsicId>,
+    ) -> BTreeMap<String, Vec<u16>> {
+        let mut out: BTreeMap<String, Vec<u16>> = BTreeMap::new();
+        for id in asics {
+            let a = self.site.asic(id);
+            let pdu = &self.site.pdu(a.pdu).name;
+            match out.get_mut(pdu) {
+                Some(outlets) => outlets.push(a.outlet),
+                None => {
+                    out.insert(pdu.clone(), vec![a.outlet]);
+                }
+            }
+        }
+        out
     }
 
     /// Journals the meters (and what is in force) at the journal's pace.

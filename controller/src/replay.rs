@@ -87,15 +87,6 @@ impl Replay {
         self.ended
             .retain(|_, at| now.duration_since(*at) <= REMEMBER);
     }
-
-    /// How many ended ids are remembered.
-    pub fn len(&self) -> usize {
-        self.ended.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ended.is_empty() && self.maestro_sent.is_none()
-    }
 }
 
 #[cfg(test)]
@@ -171,7 +162,7 @@ mod tests {
                 t("10:00") + SignedDuration::from_secs(k as i64),
             );
         }
-        assert_eq!(r.len(), MAX_REMEMBERED);
+        assert_eq!(r.ended.len(), MAX_REMEMBERED);
         assert_eq!(r.check(&event("e0"), None), Ok(()), "the oldest went first");
     }
 }
