@@ -36,7 +36,49 @@ struct SiteFile {
     policy: PolicySection,
     journal: Option<JournalSection>,
     #[serde(default)]
+    reporting: ReportingSection,
+    http: Option<HttpSection>,
+    #[serde(default)]
     sim: SimSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportingSection {
+    #[serde(default = "default_baseline_window_s")]
+    baseline_window_s: f64,
+    #[serde(default = "default_compliance_pct")]
+    compliance_pct: f64,
+    report_topic: Option<String>,
+}
+
+impl Default for ReportingSection {
+    fn default() -> Self {
+        ReportingSection {
+            baseline_window_s: default_baseline_window_s(),
+            compliance_pct: default_compliance_pct(),
+            report_topic: None,
+        }
+    }
+}
+
+fn default_baseline_window_s() -> f64 {
+    300.0
+}
+fn default_compliance_pct() -> f64 {
+    95.0
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSection {
+    port: u16,
+    #[serde(default = "default_http_bind")]
+    bind: String,
+}
+
+fn default_http_bind() -> String {
+    "127.0.0.1".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -688,6 +730,8 @@ impl Resolver<'_> {
 
         let policy = self.policy(&raw.policy);
         let journal = raw.journal.as_ref().map(|j| self.journal(j));
+        let reporting = self.reporting(&raw.reporting, &mqtt);
+        let http = raw.http.as_ref().map(|h| self.http(h));
         let sim = self.sim(&raw.sim, &gpu_racks, &pdu_by_name, &meter_by_name, &pdus);
 
         if !self.p.is_empty() {
@@ -731,8 +775,50 @@ impl Resolver<'_> {
             gpu_racks,
             policy,
             journal,
+            reporting,
+            http,
             sim,
         })
+    }
+
+    fn reporting(&mut self, raw: &ReportingSection, mqtt: &Mqtt) -> Reporting {
+        const WEEK: f64 = 7.0 * 86_400.0;
+        let window = raw.baseline_window_s;
+        let baseline_window = if self.range("reporting.baseline_window_s", window, 1.0, WEEK) {
+            Duration::from_secs_f64(window)
+        } else {
+            Duration::ZERO
+        };
+        self.range("reporting.compliance_pct", raw.compliance_pct, 1.0, 100.0);
+        if let Some(t) = &raw.report_topic {
+            self.topic("reporting.report_topic", t);
+            let taken = mqtt.signals.iter().any(|s| &s.topic == t)
+                || [&mqtt.ack_topic, &mqtt.status_topic].contains(&t);
+            if taken {
+                self.p.push(
+                    "reporting.report_topic",
+                    "must differ from the signal, ack and status topics",
+                );
+            }
+        }
+        Reporting {
+            baseline_window,
+            compliance_pct: raw.compliance_pct,
+            report_topic: raw.report_topic.clone(),
+        }
+    }
+
+    fn http(&mut self, raw: &HttpSection) -> Http {
+        let ip = raw.bind.parse::<IpAddr>().unwrap_or_else(|_| {
+            self.p.push(
+                "http.bind",
+                format!("{:?} must be an IP address such as 127.0.0.1 or ::1", raw.bind),
+            );
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        });
+        Http {
+            listen: std::net::SocketAddr::new(ip, raw.port),
+        }
     }
 
     fn journal(&mut self, raw: &JournalSection) -> Journal {

@@ -57,6 +57,9 @@ pub struct Site {
     /// Where the record of directives, plans and readings is kept; `None`: no record, and
     /// directives do not survive a restart.
     pub journal: Option<Journal>,
+    pub reporting: Reporting,
+    /// The metrics endpoint and status page; `None`: not served.
+    pub http: Option<Http>,
     pub sim: Sim,
 }
 
@@ -205,6 +208,34 @@ pub struct Journal {
     pub keep: u32,
     /// How often the meters are recorded.
     pub meter_interval: Duration,
+}
+
+/// Measurement and verification of events, and what is reported upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reporting {
+    /// An event's baseline is the mean site power over this long before it starts.
+    pub baseline_window: Duration,
+    /// An interval complies when its reduction reaches this percentage of the obligation.
+    pub compliance_pct: f64,
+    /// Where OpenADR 3.1 reports on OpenADR events are published; `None`: none are.
+    pub report_topic: Option<String>,
+}
+
+impl Default for Reporting {
+    fn default() -> Self {
+        Reporting {
+            baseline_window: Duration::from_secs(300),
+            compliance_pct: 95.0,
+            report_topic: None,
+        }
+    }
+}
+
+/// Where the Prometheus metrics (`/metrics`) and the status page (`/`) are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http {
+    /// Port 0 takes a free port (the controller logs which).
+    pub listen: std::net::SocketAddr,
 }
 
 /// What to do when no signal has arrived for too long.

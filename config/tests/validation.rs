@@ -1182,3 +1182,55 @@ fn an_unknown_journal_key_is_rejected() {
     let e = invalid(&append("[journal]\npath = \"j.jsonl\"\nfsync = false\n"));
     assert!(e.to_string().contains("fsync"), "{e}");
 }
+
+// Reporting and the HTTP endpoint.
+
+#[test]
+fn reporting_defaults_to_a_five_minute_baseline_and_95_percent_compliance() {
+    let site = parse(SITE).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        site.reporting.baseline_window,
+        std::time::Duration::from_secs(300)
+    );
+    assert_eq!(site.reporting.compliance_pct, 95.0);
+    assert_eq!(site.reporting.report_topic, None);
+    assert_eq!(site.http, None);
+}
+
+#[test]
+fn reporting_values_out_of_range_are_rejected_naming_the_field() {
+    for (line, field) in [
+        ("baseline_window_s = 0.0", "reporting.baseline_window_s"),
+        ("baseline_window_s = nan", "reporting.baseline_window_s"),
+        ("compliance_pct = 0.0", "reporting.compliance_pct"),
+        ("compliance_pct = 101.0", "reporting.compliance_pct"),
+        ("report_topic = \"sites/#\"", "reporting.report_topic"),
+    ] {
+        problem_at(&append(&format!("[reporting]\n{line}\n")), field);
+    }
+}
+
+#[test]
+fn a_report_topic_that_is_also_the_ack_topic_is_rejected() {
+    let site = parse(SITE).unwrap_or_else(|e| panic!("{e}"));
+    let line = format!("[reporting]\nreport_topic = {:?}\n", site.mqtt.ack_topic);
+    problem_at(&append(&line), "reporting.report_topic");
+}
+
+#[test]
+fn the_http_endpoint_binds_loopback_unless_told_otherwise() {
+    let site = parse(&append("[http]\nport = 9464\n")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        site.http.expect("http").listen,
+        "127.0.0.1:9464".parse().unwrap()
+    );
+    let site = parse(&append("[http]\nport = 0\nbind = \"::1\"\n")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(site.http.expect("http").listen, "[::1]:0".parse().unwrap());
+}
+
+#[test]
+fn an_http_bind_that_is_not_an_ip_address_is_rejected_naming_the_field() {
+    problem_at(&append("[http]\nport = 9464\nbind = \"localhost\"\n"), "http.bind");
+    let e = invalid(&append("[http]\nport = 70000\n")).to_string();
+    assert!(e.contains("port = 70000") && e.contains("u16"), "{e}");
+}
