@@ -6,6 +6,7 @@
 //! - [`engine`]: the control loop (sense → plan → actuate), acknowledgements and status.
 //! - [`journal`]: the append-only record of signals, plans and readings; what a restart resumes.
 //! - [`replay`]: refuses signals that would bring back an event that has ended.
+//! - [`mv`]: measurement and verification: baseline, reduction and compliance of each event.
 //! - [`mqtt`]: the broker link (rumqttc): persistent session, backoff, last will.
 //! - [`modbus`]: one task per Modbus endpoint: polls readings, writes batched setpoints.
 //! - [`planner`]: `plan(site, snapshot, timeline, now) -> Plan`, pure and deterministic.
@@ -14,6 +15,7 @@ pub mod engine;
 pub mod journal;
 pub mod modbus;
 pub mod mqtt;
+pub mod mv;
 pub mod planner;
 pub mod replay;
 pub mod signal;
