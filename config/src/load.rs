@@ -782,9 +782,10 @@ impl Resolver<'_> {
     }
 
     fn reporting(&mut self, raw: &ReportingSection, mqtt: &Mqtt) -> Reporting {
-        const WEEK: f64 = 7.0 * 86_400.0;
+        // Longer baselines are the utility's to compute from its own meter data; the
+        // controller keeps readings for the last hour only.
         let window = raw.baseline_window_s;
-        let baseline_window = if self.range("reporting.baseline_window_s", window, 1.0, WEEK) {
+        let baseline_window = if self.range("reporting.baseline_window_s", window, 1.0, 3600.0) {
             Duration::from_secs_f64(window)
         } else {
             Duration::ZERO

@@ -1202,6 +1202,7 @@ fn reporting_values_out_of_range_are_rejected_naming_the_field() {
     for (line, field) in [
         ("baseline_window_s = 0.0", "reporting.baseline_window_s"),
         ("baseline_window_s = nan", "reporting.baseline_window_s"),
+        ("baseline_window_s = 3601.0", "reporting.baseline_window_s"),
         ("compliance_pct = 0.0", "reporting.compliance_pct"),
         ("compliance_pct = 101.0", "reporting.compliance_pct"),
         ("report_topic = \"sites/#\"", "reporting.report_topic"),

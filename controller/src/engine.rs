@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn};
 
 use crate::journal::{self, End, Record, Switch};
+use crate::metrics::{Outcome, Telemetry};
 use crate::modbus::{Desired, DeviceError, Report};
+use crate::mv::{self, Measurement, Sample};
 use crate::planner::{AsicState, Plan, Planner, Snapshot};
 use crate::signal::{self, Action, Directive, Signal};
 use crate::timeline::Applied;
@@ -54,6 +56,9 @@ pub struct Ack {
     pub site_kw: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub asic_kw: Option<f64>,
+    /// At completion: the event's baseline, reduction and compliance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measurement: Option<Measurement>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -79,6 +84,9 @@ pub struct Status {
     pub shed_kw: f64,
     /// Rated kW of ASICs still on that could be switched off.
     pub sheddable_kw: f64,
+    /// What switching them off would take off the meter now: their measured kW (OpenADR's
+    /// LOAD_SHED_DELTA_AVAILABLE).
+    pub load_shed_delta_available_kw: f64,
     pub shortfall_kw: f64,
     /// Why ASICs that are off are not coming back yet (none when nothing is held).
     pub restore_held: Option<crate::planner::Hold>,
@@ -112,6 +120,46 @@ struct AsicTrack {
     /// Latest outlet power reading, W.
     power_w: Option<f64>,
 }
+
+/// An event being measured: from its start (or its arrival, if later) until it completes.
+#[derive(Debug, Clone)]
+struct Tracked {
+    directives: Vec<Directive>,
+    /// When the signal was taken (unknown for events resumed from the journal).
+    arrived: Option<Timestamp>,
+    /// Reports go upstream in OpenADR's shape.
+    openadr: bool,
+    /// Begun at the first reading after the start.
+    meter: Option<mv::Meter>,
+}
+
+impl Tracked {
+    fn new(directives: &[Directive], arrived: Option<Timestamp>) -> Tracked {
+        Tracked {
+            directives: directives.to_vec(),
+            arrived,
+            openadr: directives
+                .iter()
+                .any(|d| d.format == site_config::SignalFormat::Openadr3),
+            meter: None,
+        }
+    }
+
+    /// Measured from its earliest directive's start, or from its arrival if that is later:
+    /// nothing could be done before the signal came.
+    fn measure_from(&self) -> Option<Timestamp> {
+        let start = self.directives.iter().map(|d| d.start).min()?;
+        Some(self.arrived.map_or(start, |a| a.max(start)))
+    }
+
+    /// Its last directive's end, if every directive has one.
+    fn scheduled_end(&self) -> Option<Timestamp> {
+        self.directives.iter().map(|d| d.end).collect::<Option<Vec<_>>>()?.into_iter().max()
+    }
+}
+
+/// How long the engine keeps readings: the longest baseline window, and a margin.
+const SAMPLES_KEPT: SignedDuration = SignedDuration::from_mins(61);
 
 /// The channels the engine works through.
 pub struct Io {
@@ -183,6 +231,12 @@ pub struct Engine {
     last_signal: Instant,
     /// The stale-signal policy has acted since the last signal.
     stale_acted: bool,
+    /// Site readings of the last hour: the baselines of events about to start.
+    samples: VecDeque<Sample>,
+    /// Events being measured, by id.
+    tracked: BTreeMap<String, Tracked>,
+    mv: mv::Settings,
+    telemetry: Arc<Telemetry>,
 }
 
 /// How long a PDU whose relays disagreed stays distrusted: doubling with each disagreement.
@@ -208,9 +262,22 @@ impl Engine {
     /// to `journal`.
     pub fn new(
         site: Arc<Site>,
-        mut resumed: journal::State,
+        resumed: journal::Recovered,
         journal: Option<journal::Sender>,
+        telemetry: Arc<Telemetry>,
     ) -> Engine {
+        let journal::Recovered {
+            state: mut resumed,
+            samples,
+            ..
+        } = resumed;
+        telemetry.seed(&samples);
+        let tracked = resumed
+            .timeline
+            .events()
+            .filter(|(_, d)| !d.is_empty())
+            .map(|(id, d)| (id.to_owned(), Tracked::new(d, None)))
+            .collect();
         // Only the journal's writer keeps outlet switches up to date; the engine needs them once,
         // per ASIC, below.
         let switched = std::mem::take(&mut resumed.switched);
@@ -253,6 +320,10 @@ impl Engine {
             started: Instant::now(),
             last_signal: Instant::now(),
             stale_acted: false,
+            samples: samples.into(),
+            tracked,
+            mv: mv::Settings::for_site(&site),
+            telemetry,
             site,
         }
     }
@@ -315,6 +386,7 @@ impl Engine {
                 replan_at = None;
                 last_cycle = now;
                 let wake = self.cycle(&io.outbound, &io.desired).await;
+                self.telemetry.cycle.observe(now.elapsed());
                 wake_at = now + wake;
             }
         }
@@ -331,6 +403,7 @@ impl Engine {
         let site = self.site.clone();
         let Some(topic) = site.mqtt.signals.iter().find(|s| s.topic == topic_name) else {
             debug!(topic = %topic_name, "message on a topic the site file does not name; ignored");
+            self.telemetry.signal(Outcome::Ignored);
             return false;
         };
         let now = Timestamp::now();
@@ -342,6 +415,7 @@ impl Engine {
         match signal::parse(topic.format, payload, &cx) {
             Err(rejection) => {
                 warn!(id = ?rejection.id, reason = %rejection.reason, topic = %topic_name, "signal rejected");
+                self.telemetry.signal(Outcome::Rejected);
                 self.ack(
                     out,
                     rejection.id,
@@ -356,6 +430,7 @@ impl Engine {
                 let sent_at = signal::sent_at(topic.format, payload);
                 if let Err(reason) = self.state.replay.check(&sig, sent_at) {
                     warn!(id = ?id, %reason, topic = %topic_name, "signal rejected");
+                    self.telemetry.signal(Outcome::Rejected);
                     self.ack(out, id, AckStatus::Rejected, Some(reason)).await;
                     return false;
                 }
@@ -373,7 +448,11 @@ impl Engine {
                     signal: sig.clone(),
                 });
                 info!(?applied, format = ?topic.format, "signal accepted");
+                self.telemetry.signal(Outcome::Accepted);
                 self.ack(out, id, AckStatus::Accepted, None).await;
+                if let Signal::Event { id, directives } = &sig {
+                    self.track(out, id, directives, now);
+                }
                 if let (Signal::Release { .. }, Applied::Released(ids)) = (&sig, &applied) {
                     for id in ids {
                         self.complete(out, id, End::Released).await;
@@ -402,24 +481,158 @@ impl Engine {
     /// and its end is journaled and acknowledged with the site as measured now.
     async fn complete(&mut self, out: &mpsc::Sender<Outbound>, id: &str, end: End) {
         let (site_kw, asic_kw) = (self.site_kw(), self.asic_kw());
+        let now = Timestamp::now();
         self.commit(Record::Completed {
-            at: Timestamp::now(),
+            at: now,
             id: id.to_owned(),
             end,
             site_kw,
             asic_kw,
         });
+        self.telemetry.completed(end);
         self.announced.remove(id);
+        let measurement = self.measure(out, id, now);
         let ack = Ack {
             id: Some(id.to_owned()),
             status: AckStatus::Completed,
             reason: None,
-            at: Timestamp::now().to_string(),
+            at: now.to_string(),
             site_kw,
             asic_kw,
+            measurement,
         };
         info!(id, ?site_kw, "event completed");
         self.publish_ack(out, &ack).await;
+    }
+
+    /// Starts measuring event `id` (or follows its new directives), and offers upstream what
+    /// the site could shed for it.
+    fn track(
+        &mut self,
+        out: &mpsc::Sender<Outbound>,
+        id: &str,
+        directives: &[Directive],
+        now: Timestamp,
+    ) {
+        if let Some(t) = self.tracked.get_mut(id) {
+            t.directives = directives.to_vec();
+            if let Some(m) = &mut t.meter {
+                m.set_directives(directives);
+            }
+            return;
+        }
+        if directives.is_empty() {
+            return;
+        }
+        let t = Tracked::new(directives, Some(now));
+        if t.openadr {
+            let available = self.status(now).load_shed_delta_available_kw;
+            let report = crate::openadr::availability(
+                id,
+                &self.site.id,
+                self.report_resource(),
+                directives,
+                available,
+            );
+            self.publish_report(out, &report);
+        }
+        self.tracked.insert(id.to_owned(), t);
+    }
+
+    /// Ends the measurement of event `id`: journals it, reports it upstream (OpenADR events),
+    /// and returns it for the ack. `None` if the event never began.
+    fn measure(
+        &mut self,
+        out: &mpsc::Sender<Outbound>,
+        id: &str,
+        now: Timestamp,
+    ) -> Option<Measurement> {
+        let t = self.tracked.remove(id)?;
+        let meter = t.meter.as_ref()?;
+        let end = t.scheduled_end().map_or(now, |e| e.min(now));
+        let (m, intervals) = meter.finish(end);
+        info!(
+            id,
+            baseline_kw = ?m.baseline_kw,
+            reduction_kw = ?m.reduction_kw,
+            performance_pct = ?m.performance_pct,
+            compliant = m.compliant,
+            "event measured"
+        );
+        self.record(Record::Measured {
+            at: now,
+            measurement: m.clone(),
+            intervals,
+        });
+        if t.openadr {
+            let report = crate::openadr::usage(
+                id,
+                &self.site.id,
+                self.report_resource(),
+                &meter.event_intervals(end),
+            );
+            self.publish_report(out, &report);
+        }
+        Some(m)
+    }
+
+    /// OpenADR reports speak for the site meter.
+    fn report_resource(&self) -> &str {
+        &self.site.meter(self.site.site_meter).name
+    }
+
+    fn publish_report(&self, out: &mpsc::Sender<Outbound>, report: &crate::openadr::ReportRequest) {
+        let Some(topic) = &self.site.reporting.report_topic else {
+            return;
+        };
+        let msg = Outbound {
+            topic: topic.clone(),
+            payload: serde_json::to_vec(report).unwrap_or_default(),
+            retain: false,
+        };
+        if out.try_send(msg).is_err() {
+            warn!("outbound queue full; report dropped");
+        }
+    }
+
+    /// A reading of the whole site: kept for baselines, shown on the chart, and fed to the
+    /// measurement of every event in progress.
+    fn take_sample(&mut self, now: Timestamp) {
+        let s = Sample {
+            at: now,
+            site_kw: self.site_kw(),
+            asic_kw: self.asic_kw(),
+            gpu_kw: self.gpu_kw(),
+            limit_kw: self
+                .last_plan
+                .as_ref()
+                .map_or(self.site.import_limit_kw, |p| p.limit_kw),
+        };
+        while self
+            .samples
+            .front()
+            .is_some_and(|f| now.duration_since(f.at) > SAMPLES_KEPT)
+        {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(s);
+        self.telemetry.push_sample(s);
+        for (id, t) in &mut self.tracked {
+            match &mut t.meter {
+                Some(m) => m.add(&s),
+                None => {
+                    let Some(start) = t.measure_from().filter(|start| now >= *start) else {
+                        continue;
+                    };
+                    let mut m = mv::Meter::begin(id, &t.directives, start, &self.samples, self.mv);
+                    // Readings since the start (this one, or the journal's after a restart).
+                    for s in self.samples.iter().filter(|s| s.at >= start) {
+                        m.add(s);
+                    }
+                    t.meter = Some(m);
+                }
+            }
+        }
     }
 
     async fn ack(
@@ -436,6 +649,7 @@ impl Engine {
             at: Timestamp::now().to_string(),
             site_kw: None,
             asic_kw: None,
+            measurement: None,
         };
         self.publish_ack(out, &ack).await;
     }
@@ -519,6 +733,7 @@ impl Engine {
                 }
                 if meter == self.site.site_meter {
                     self.sample_other(now);
+                    self.take_sample(now);
                 }
                 Urgency::Readings
             }
@@ -982,6 +1197,18 @@ impl Engine {
             })
             .map(|a| a.rated_w / 1000.0)
             .sum();
+        let available_kw: f64 = self
+            .site
+            .asics
+            .iter()
+            .filter(|a| {
+                snap_on[a.id.0 as usize] && !self.faults.contains_key(&DeviceId::Pdu(a.pdu))
+            })
+            .map(|a| {
+                let measured = self.asics[a.id.0 as usize].power_w;
+                measured.unwrap_or(a.rated_w) / 1000.0
+            })
+            .sum();
         let on = snap_on.iter().filter(|o| **o).count();
         Status {
             site: self.site.id.clone(),
@@ -993,6 +1220,7 @@ impl Engine {
             limit_kw: plan.map_or(self.site.import_limit_kw, |p| p.limit_kw),
             shed_kw: round1(shed_kw),
             sheddable_kw: round1(sheddable_kw),
+            load_shed_delta_available_kw: round1(available_kw),
             shortfall_kw: round1(plan.map_or(0.0, |p| p.shortfall_kw)),
             restore_held: plan.and_then(|p| p.held),
             asics_on: on,
@@ -1012,6 +1240,14 @@ impl Engine {
     /// Publishes status when something that matters changed, or every status interval.
     async fn publish_status(&mut self, out: &mpsc::Sender<Outbound>, now: Timestamp) {
         let status = self.status(now);
+        let in_force = self
+            .state
+            .timeline
+            .directives()
+            .filter(|d| d.is_in_force(now))
+            .cloned()
+            .collect();
+        self.telemetry.set_status(status.clone(), in_force);
         let material = |s: &Status| {
             (
                 s.limit_kw.to_bits(),

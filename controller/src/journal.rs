@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{error, warn};
 
+use crate::mv::{Interval, Measurement, Sample};
 use crate::replay::Replay;
 use crate::signal::Signal;
 use crate::timeline::{Applied, Timeline};
@@ -119,6 +120,13 @@ pub enum Record {
     },
     /// Records lost because the disk fell behind (the queue was full).
     Gap { at: Timestamp, lost: u64 },
+    /// An event as measured, written when it completes: its baseline, reduction and
+    /// compliance, and every 1- and 15-minute interval (`gridshed report` prints these).
+    Measured {
+        at: Timestamp,
+        measurement: Measurement,
+        intervals: Vec<Interval>,
+    },
 }
 
 /// The last switch gridshed made on an outlet.
@@ -175,7 +183,8 @@ impl State {
             | Record::Fault { .. }
             | Record::Recovered { .. }
             | Record::Meters { .. }
-            | Record::Gap { .. } => Applied::Unchanged,
+            | Record::Gap { .. }
+            | Record::Measured { .. } => Applied::Unchanged,
         }
     }
 }
@@ -198,6 +207,35 @@ pub struct Recovered {
     pub skipped: usize,
     /// The last line was cut short by a crash.
     pub torn: bool,
+    /// The meters of the newest [`SAMPLES_KEPT`] of the file, oldest first: the status page's
+    /// chart and the baselines of events that start soon after a restart.
+    pub samples: Vec<Sample>,
+}
+
+/// How far back from its newest reading recovery keeps the meters.
+pub const SAMPLES_KEPT: jiff::SignedDuration = jiff::SignedDuration::from_hours(2);
+
+impl Record {
+    /// The reading a `meters` record holds.
+    pub fn sample(&self) -> Option<Sample> {
+        match *self {
+            Record::Meters {
+                at,
+                site_kw,
+                asic_kw,
+                gpu_kw,
+                limit_kw,
+                ..
+            } => Some(Sample {
+                at,
+                site_kw,
+                asic_kw,
+                gpu_kw,
+                limit_kw,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Reads a journal file: its records applied in order onto an empty state. Never fails on
@@ -211,6 +249,7 @@ pub fn read(path: &Path) -> io::Result<Recovered> {
 fn read_with_length(path: &Path) -> io::Result<(Recovered, u64)> {
     let mut reader = BufReader::new(File::open(path)?);
     let mut out = Recovered::default();
+    let mut samples = std::collections::VecDeque::new();
     let mut line = Vec::new();
     let mut complete: u64 = 0;
     let mut number = 0usize;
@@ -230,6 +269,15 @@ fn read_with_length(path: &Path) -> io::Result<(Recovered, u64)> {
             Ok(r) => {
                 out.state.apply(&r);
                 out.records += 1;
+                if let Some(s) = r.sample() {
+                    while samples
+                        .front()
+                        .is_some_and(|f: &Sample| s.at.duration_since(f.at) > SAMPLES_KEPT)
+                    {
+                        samples.pop_front();
+                    }
+                    samples.push_back(s);
+                }
             }
             Err(e) => {
                 if out.skipped < 5 {
@@ -239,6 +287,7 @@ fn read_with_length(path: &Path) -> io::Result<(Recovered, u64)> {
             }
         }
     }
+    out.samples = samples.into();
     Ok((out, complete))
 }
 

@@ -7,6 +7,8 @@
 //! - [`journal`]: the append-only record of signals, plans and readings; what a restart resumes.
 //! - [`replay`]: refuses signals that would bring back an event that has ended.
 //! - [`mv`]: measurement and verification: baseline, reduction and compliance of each event.
+//! - [`openadr`]: OpenADR 3.1 reports sent upstream (usage, demand, load shed available).
+//! - [`metrics`]: counters, histograms and the last hour of readings, for `/metrics` and `/`.
 //! - [`mqtt`]: the broker link (rumqttc): persistent session, backoff, last will.
 //! - [`modbus`]: one task per Modbus endpoint: polls readings, writes batched setpoints.
 //! - [`planner`]: `plan(site, snapshot, timeline, now) -> Plan`, pure and deterministic.
@@ -14,8 +16,10 @@ pub mod backoff;
 pub mod engine;
 pub mod journal;
 pub mod modbus;
+pub mod metrics;
 pub mod mqtt;
 pub mod mv;
+pub mod openadr;
 pub mod planner;
 pub mod replay;
 pub mod signal;
@@ -67,13 +71,14 @@ pub async fn run(
                 ?events,
                 "journal read"
             );
-            (Some(tx), Some(writer), recovered.state)
+            (Some(tx), Some(writer), recovered)
         }
         None => {
             tracing::warn!("no [journal] in the site file: directives will not survive a restart");
-            (None, None, journal::State::default())
+            (None, None, journal::Recovered::default())
         }
     };
+    let telemetry = Arc::new(metrics::Telemetry::default());
     let cancel = CancellationToken::new();
     let (in_tx, in_rx) = mpsc::channel(1024);
     let (out_tx, out_rx) = mpsc::channel(4096);
@@ -85,6 +90,7 @@ pub async fn run(
         modbus::Timing::for_site(&site),
         desired_rx,
         report_tx,
+        &telemetry,
         &cancel,
     );
     let link = tokio::spawn(mqtt::run(
@@ -94,7 +100,7 @@ pub async fn run(
         mqtt::Backoff::default(),
         cancel.clone(),
     ));
-    let engine = engine::Engine::new(site.clone(), resumed, journal);
+    let engine = engine::Engine::new(site.clone(), resumed, journal, telemetry.clone());
     let io = engine::Io {
         inbound: in_rx,
         outbound: out_tx,

@@ -25,6 +25,7 @@ use tokio_modbus::{ExceptionCode, Slave};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::metrics::{Histogram, Telemetry};
 
 /// Why a device is not trusted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -135,6 +136,7 @@ pub fn spawn_endpoints(
     timing: Timing,
     desired: watch::Receiver<Desired>,
     reports: mpsc::Sender<Report>,
+    telemetry: &Arc<Telemetry>,
     cancel: &CancellationToken,
 ) -> tokio::task::JoinSet<()> {
     let mut groups: BTreeMap<(String, u16), Vec<DeviceId>> = BTreeMap::new();
@@ -161,6 +163,7 @@ pub fn spawn_endpoints(
             timing,
             desired.clone(),
             reports.clone(),
+            telemetry.clone(),
         );
         set.spawn(task.run(phase, cancel.clone()));
     }
@@ -191,6 +194,7 @@ struct Endpoint {
     /// Devices that answered with an exception or nonsense, with their failure count and when
     /// to ask them again: a faulted device is retried with backoff, not at every poll.
     retry: BTreeMap<DeviceId, (u32, Instant)>,
+    telemetry: Arc<Telemetry>,
 }
 
 enum CallError {
@@ -203,9 +207,13 @@ enum CallError {
 /// Runs one Modbus call under a timeout, sorting failures into the device's and the link's.
 async fn call<T>(
     limit: Duration,
+    latency: &Histogram,
     fut: impl Future<Output = tokio_modbus::Result<T>>,
 ) -> Result<T, CallError> {
-    match timeout(limit, fut).await {
+    let sent = Instant::now();
+    let result = timeout(limit, fut).await;
+    latency.observe(sent.elapsed());
+    match result {
         Err(_) => Err(CallError::Link(DeviceError::Timeout(limit))),
         Ok(Err(e)) => Err(CallError::Link(DeviceError::Transport(e.to_string()))),
         Ok(Ok(Err(code))) => Err(CallError::Device(DeviceError::Exception(code))),
@@ -222,6 +230,7 @@ impl Endpoint {
         timing: Timing,
         desired: watch::Receiver<Desired>,
         reports: mpsc::Sender<Report>,
+        telemetry: Arc<Telemetry>,
     ) -> Endpoint {
         let mut pdus = Vec::new();
         let mut meters = Vec::new();
@@ -249,6 +258,7 @@ impl Endpoint {
             failures: 0,
             next_attempt: Instant::now(),
             retry: BTreeMap::new(),
+            telemetry,
         }
     }
 
@@ -539,8 +549,8 @@ impl Endpoint {
             .ok_or_else(|| CallError::Link(DeviceError::Transport("not connected".into())))?;
         ctx.set_slave(Slave(unit));
         let states = match map.table {
-            RelayTable::Coil => call(limit, ctx.read_coils(map.address, n)).await?,
-            RelayTable::Holding => call(limit, ctx.read_holding_registers(map.address, n))
+            RelayTable::Coil => call(limit, &self.telemetry.modbus, ctx.read_coils(map.address, n)).await?,
+            RelayTable::Holding => call(limit, &self.telemetry.modbus, ctx.read_holding_registers(map.address, n))
                 .await?
                 .into_iter()
                 .map(|w| w == map.on_value)
@@ -575,8 +585,8 @@ impl Endpoint {
             let n = (count - done).min(MAX_READ_WORDS);
             let addr = address.wrapping_add(done);
             let chunk = match table {
-                RegisterTable::Input => call(limit, ctx.read_input_registers(addr, n)).await?,
-                RegisterTable::Holding => call(limit, ctx.read_holding_registers(addr, n)).await?,
+                RegisterTable::Input => call(limit, &self.telemetry.modbus, ctx.read_input_registers(addr, n)).await?,
+                RegisterTable::Holding => call(limit, &self.telemetry.modbus, ctx.read_holding_registers(addr, n)).await?,
             };
             if chunk.len() != usize::from(n) {
                 return Err(CallError::Device(DeviceError::Malformed(format!(
@@ -672,10 +682,10 @@ impl Endpoint {
             let addr = relays.address + (first - 1);
             match (relays.table, states.as_slice()) {
                 (RelayTable::Coil, [one]) if relays.write == WriteMode::Single => {
-                    call(limit, ctx.write_single_coil(addr, *one)).await?
+                    call(limit, &self.telemetry.modbus, ctx.write_single_coil(addr, *one)).await?
                 }
                 (RelayTable::Coil, many) => {
-                    call(limit, ctx.write_multiple_coils(addr, many)).await?
+                    call(limit, &self.telemetry.modbus, ctx.write_multiple_coils(addr, many)).await?
                 }
                 (RelayTable::Holding, [one]) if relays.write == WriteMode::Single => {
                     let word = if *one {
@@ -683,7 +693,7 @@ impl Endpoint {
                     } else {
                         relays.off_value
                     };
-                    call(limit, ctx.write_single_register(addr, word)).await?
+                    call(limit, &self.telemetry.modbus, ctx.write_single_register(addr, word)).await?
                 }
                 (RelayTable::Holding, many) => {
                     let words: Vec<u16> = many
@@ -696,7 +706,7 @@ impl Endpoint {
                             }
                         })
                         .collect();
-                    call(limit, ctx.write_multiple_registers(addr, &words)).await?
+                    call(limit, &self.telemetry.modbus, ctx.write_multiple_registers(addr, &words)).await?
                 }
             }
         }
