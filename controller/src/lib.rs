@@ -4,7 +4,9 @@
 //! - [`timeline`]: the directives in force over time, resolved by priority and restriction.
 //! - [`backoff`]: exponential backoff with jitter, shared by the broker and Modbus links.
 //! - [`engine`]: the control loop (sense → plan → actuate), acknowledgements and status.
+//! - [`http`]: Prometheus metrics at `/metrics` and the status page at `/`.
 //! - [`journal`]: the append-only record of signals, plans and readings; what a restart resumes.
+//! - [`report`]: `gridshed report`: measured events from a journal, as a table and as CSV.
 //! - [`replay`]: refuses signals that would bring back an event that has ended.
 //! - [`mv`]: measurement and verification: baseline, reduction and compliance of each event.
 //! - [`openadr`]: OpenADR 3.1 reports sent upstream (usage, demand, load shed available).
@@ -14,6 +16,7 @@
 //! - [`planner`]: `plan(site, snapshot, timeline, now) -> Plan`, pure and deterministic.
 pub mod backoff;
 pub mod engine;
+pub mod http;
 pub mod journal;
 pub mod modbus;
 pub mod metrics;
@@ -22,6 +25,7 @@ pub mod mv;
 pub mod openadr;
 pub mod planner;
 pub mod replay;
+pub mod report;
 pub mod signal;
 pub mod timeline;
 
@@ -37,6 +41,15 @@ pub enum RunError {
     Mqtt(#[from] mqtt::MqttError),
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+}
+
+/// What a started controller tells whoever started it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    /// Where metrics and the status page are served (the port chosen, if the site said 0).
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// Runs the controller for `site` until `shutdown` completes: the broker link, one Modbus task
@@ -50,6 +63,15 @@ pub enum RunError {
 pub async fn run(
     site: site_config::Site,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    run_with(site, shutdown, |_| {}).await
+}
+
+/// [`run`], calling `started` once everything is bound and running.
+pub async fn run_with(
+    site: site_config::Site,
+    shutdown: impl Future<Output = ()>,
+    started: impl FnOnce(Started),
 ) -> Result<(), RunError> {
     let site = Arc::new(site);
     // Fail early on missing credentials or an unusable journal, before anything is started.
@@ -79,6 +101,10 @@ pub async fn run(
         }
     };
     let telemetry = Arc::new(metrics::Telemetry::default());
+    let listener = match site.http {
+        Some(h) => Some(http::bind(h.listen).await?),
+        None => None,
+    };
     let cancel = CancellationToken::new();
     let (in_tx, in_rx) = mpsc::channel(1024);
     let (out_tx, out_rx) = mpsc::channel(4096);
@@ -108,6 +134,15 @@ pub async fn run(
         desired: desired_tx,
     };
     let engine = tokio::spawn(engine.run(io, cancel.clone()));
+    let mut http_addr = None;
+    let server = listener.map(|l| {
+        http_addr = l.local_addr().ok();
+        if let Some(addr) = http_addr {
+            tracing::info!(url = %format!("http://{addr}/"), metrics = %format!("http://{addr}/metrics"), "status page");
+        }
+        tokio::spawn(http::serve(l, telemetry.clone(), cancel.clone()))
+    });
+    started(Started { http: http_addr });
 
     shutdown.await;
     tracing::info!("shutting down");
@@ -118,6 +153,9 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || writer.finish()).await;
     }
     while endpoints.join_next().await.is_some() {}
+    if let Some(server) = server {
+        let _ = server.await;
+    }
     match link.await {
         Ok(r) => Ok(r?),
         Err(_) => Ok(()),

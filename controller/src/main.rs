@@ -44,6 +44,20 @@ enum Command {
         #[arg(long, value_enum)]
         format: Option<Format>,
     },
+    /// Measurement and verification of past events, from a journal: baseline, reduction,
+    /// compliance on 1- and 15-minute averages, response times.
+    Report {
+        /// The journal's live file (the site file's `[journal] path`); rotated files beside it
+        /// are read too.
+        #[arg(long)]
+        journal: PathBuf,
+        /// CSV for settlement, one row per 1- and 15-minute interval, instead of the table.
+        #[arg(long)]
+        csv: bool,
+        /// Only this event.
+        #[arg(long)]
+        event: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -100,6 +114,30 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .map(Into::into)
                 .unwrap_or_else(|| guess_format(&bytes));
             print!("{}", dry_run(&site, format, &bytes)?);
+            Ok(())
+        }
+        Command::Report {
+            journal,
+            csv,
+            event,
+        } => {
+            let mut events = controller::report::read(&journal)
+                .with_context(|| format!("reading the journal {}", journal.display()))?;
+            if let Some(id) = &event {
+                events.retain(|e| &e.measurement.id == id);
+            }
+            if events.is_empty() {
+                bail!(
+                    "no measured event{} in {} (events are measured when they complete)",
+                    event.map(|id| format!(" {id:?}")).unwrap_or_default(),
+                    journal.display()
+                );
+            }
+            if csv {
+                print!("{}", controller::report::csv(&events));
+            } else {
+                print!("{}", controller::report::table(&events));
+            }
             Ok(())
         }
         Command::Run { config } => {

@@ -365,7 +365,7 @@ mod tests {
 
     #[test]
     fn the_chart_keeps_an_hour_and_sends_at_most_720_points_with_the_newest_last() {
-        let t0 = Timestamp::from_second(1_800_000_000).unwrap();
+        let t0 = jiff::Timestamp::from_second(1_800_000_000).unwrap();
         let tel = Telemetry::default();
         for k in 0..4000 {
             tel.push_sample(Sample {

@@ -171,6 +171,23 @@ pub fn fast_policy(site: &mut Site) {
     site.policy.gpu_peak_window = Duration::from_secs(6);
 }
 
+/// Fetches `path` from the controller's HTTP endpoint: (status code, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the http endpoint");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("send request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.expect("read response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a head and a body");
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (code, body.to_owned())
+}
+
 /// Gives `site` a journal in a fresh temporary directory; returns the journal's path.
 pub fn journal_in_temp(site: &mut Site) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(unique("gridshed-journal"));
@@ -202,6 +219,8 @@ pub struct Rig {
     /// The site as the controller sees it: the simulator's ports, the test broker.
     pub site: Site,
     pub utility: Client,
+    /// Where the running controller serves metrics and its status page.
+    pub http: Option<std::net::SocketAddr>,
     controller: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
@@ -245,6 +264,9 @@ impl Rig {
             port: broker.port(),
         }];
         site.mqtt.client_id = unique("gridshed");
+        site.http = Some(site_config::Http {
+            listen: (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+        });
         adjust(&mut site);
         let watch = [
             site.mqtt.ack_topic.as_str(),
@@ -256,6 +278,7 @@ impl Rig {
             sim,
             site,
             utility,
+            http: None,
             controller: None,
         };
         rig.start_controller().await;
@@ -265,16 +288,21 @@ impl Rig {
     /// Starts the controller and waits until it has published an online status with a plan.
     pub async fn start_controller(&mut self) {
         let (tx, rx) = oneshot::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel();
         let site = self.site.clone();
         let handle = tokio::spawn(async move {
             let shutdown = async {
                 let _ = rx.await;
             };
-            if let Err(e) = controller::run(site, shutdown).await {
+            let started = |s: controller::Started| {
+                let _ = started_tx.send(s);
+            };
+            if let Err(e) = controller::run_with(site, shutdown, started).await {
                 panic!("controller failed: {e}");
             }
         });
         self.controller = Some((tx, handle));
+        self.http = started_rx.await.expect("controller started").http;
         let from = self.utility.seen.len();
         let status = self.site.mqtt.status_topic.clone();
         self.utility
