@@ -78,8 +78,13 @@ async fn main() {
         site.policy.restore_batch_size = 4;
         site.policy.restore_interval = secs(1.5);
         site.policy.gpu_peak_window = secs(10.0);
+        // Each event's baseline: the few seconds before it (the day is short).
+        site.reporting.baseline_window = secs(4.0);
     })
     .await;
+    if let Some(addr) = rig.http {
+        println!("status page: http://{addr}/   metrics: http://{addr}/metrics (while the demo runs)\n");
+    }
     let status_topic = rig.site.mqtt.status_topic.clone();
     let total = rig.site.asics.len();
     println!(
@@ -157,6 +162,12 @@ async fn main() {
     std::fs::write(&out, svg).expect("write the plot");
     report(&rig, &samples, &marks);
     rig.stop_controller().await;
+    // The journal is complete once the controller has stopped.
+    println!("\nmeasurement and verification (gridshed report --journal {}):", journal.display());
+    match controller::report::read(&journal) {
+        Ok(events) => print!("{}", controller::report::table(&events)),
+        Err(e) => println!("  cannot read the journal: {e}"),
+    }
     println!("\nplot: {}", out.display());
     println!("journal: {}", journal.display());
 }
