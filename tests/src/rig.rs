@@ -372,6 +372,28 @@ impl Rig {
             .sum()
     }
 
+    /// Waits until the controller holds `span` of site readings (baselines and the status
+    /// page's chart come from them); returns its `/api/status` then.
+    pub async fn readings_for(&self, span: Duration) -> Value {
+        let addr = self.http.expect("the rig serves http");
+        let deadline = Instant::now() + Duration::from_secs(15) + span;
+        loop {
+            let (_, body) = http_get(addr, "/api/status").await;
+            let view: Value = serde_json::from_str(&body).expect("status json");
+            let times: Vec<i64> = view["history"]
+                .as_array()
+                .map(|h| h.iter().filter_map(|p| p[0].as_i64()).collect())
+                .unwrap_or_default();
+            if let (Some(first), Some(last)) = (times.first(), times.last())
+                && u128::try_from(last - first).unwrap_or(0) >= span.as_millis()
+            {
+                return view;
+            }
+            assert!(Instant::now() < deadline, "no {span:?} of readings: {view:#}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until `check` holds on the rig, polling every 10 ms, failing after `limit`.
     pub async fn until(
         &self,

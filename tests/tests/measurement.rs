@@ -6,34 +6,12 @@
 use std::time::Duration;
 
 use hil::broker::Broker;
-use hil::rig::{Client, Rig, http_get};
+use hil::rig::{Client, Rig};
 use serde_json::Value;
 use site_config::SignalFormat;
-use tokio::time::Instant;
 
 const SECOND: Duration = Duration::from_secs(1);
 const REPORTS: &str = "sites/demo/reports";
-
-/// Waits until the controller has `span` of site readings (its baselines come from them).
-async fn readings_for(rig: &Rig, span: Duration) {
-    let addr = rig.http.expect("the rig serves http");
-    let deadline = Instant::now() + 15 * SECOND;
-    loop {
-        let (_, body) = http_get(addr, "/api/status").await;
-        let view: Value = serde_json::from_str(&body).expect("status json");
-        let times: Vec<i64> = view["history"]
-            .as_array()
-            .map(|h| h.iter().filter_map(|p| p[0].as_i64()).collect())
-            .unwrap_or_default();
-        if let (Some(first), Some(last)) = (times.first(), times.last())
-            && (last - first) as u128 >= span.as_millis()
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no {span:?} of readings within 15 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn num(v: &Value, key: &str) -> f64 {
     v[key]
@@ -52,7 +30,7 @@ async fn a_completed_event_is_acked_with_its_measurement_and_journaled_for_the_r
     })
     .await;
     let journal = journal.expect("journal path");
-    readings_for(&rig, 3 * SECOND).await;
+    rig.readings_for(3 * SECOND).await;
     let before = rig.site_kw();
     let from = rig.utility.seen.len();
     rig.signal(
@@ -105,7 +83,7 @@ async fn an_openadr_event_gets_an_availability_report_before_and_a_usage_report_
     })
     .await;
     let mut upstream = Client::connect(port, &[REPORTS]).await;
-    readings_for(&rig, 3 * SECOND).await;
+    rig.readings_for(3 * SECOND).await;
     // Two intervals of 3 s: 130 kW, then 110 kW.
     let event = r#"{"id":"oadr-mv","programID":"p","eventName":"capacity","priority":1,
         "payloadDescriptors":[{"payloadType":"IMPORT_CAPACITY_LIMIT","units":"KW"}],
