@@ -813,7 +813,10 @@ impl Resolver<'_> {
         let ip = raw.bind.parse::<IpAddr>().unwrap_or_else(|_| {
             self.p.push(
                 "http.bind",
-                format!("{:?} must be an IP address such as 127.0.0.1 or ::1", raw.bind),
+                format!(
+                    "{:?} must be an IP address such as 127.0.0.1 or ::1",
+                    raw.bind
+                ),
             );
             IpAddr::V4(Ipv4Addr::LOCALHOST)
         });

@@ -1225,13 +1225,17 @@ fn the_http_endpoint_binds_loopback_unless_told_otherwise() {
         site.http.expect("http").listen,
         "127.0.0.1:9464".parse().unwrap()
     );
-    let site = parse(&append("[http]\nport = 0\nbind = \"::1\"\n")).unwrap_or_else(|e| panic!("{e}"));
+    let site =
+        parse(&append("[http]\nport = 0\nbind = \"::1\"\n")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(site.http.expect("http").listen, "[::1]:0".parse().unwrap());
 }
 
 #[test]
 fn an_http_bind_that_is_not_an_ip_address_is_rejected_naming_the_field() {
-    problem_at(&append("[http]\nport = 9464\nbind = \"localhost\"\n"), "http.bind");
+    problem_at(
+        &append("[http]\nport = 9464\nbind = \"localhost\"\n"),
+        "http.bind",
+    );
     let e = invalid(&append("[http]\nport = 70000\n")).to_string();
     assert!(e.contains("port = 70000") && e.contains("u16"), "{e}");
 }

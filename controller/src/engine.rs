@@ -154,7 +154,12 @@ impl Tracked {
 
     /// Its last directive's end, if every directive has one.
     fn scheduled_end(&self) -> Option<Timestamp> {
-        self.directives.iter().map(|d| d.end).collect::<Option<Vec<_>>>()?.into_iter().max()
+        self.directives
+            .iter()
+            .map(|d| d.end)
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
+            .max()
     }
 }
 

@@ -233,12 +233,18 @@ mod tests {
         assert!(head.ends_with("\r\n\r\n"), "{head}");
         r.head_only = false;
         let len = r.body.len();
-        assert!(head.contains(&format!("Content-Length: {len}\r\n")), "{head}");
+        assert!(
+            head.contains(&format!("Content-Length: {len}\r\n")),
+            "{head}"
+        );
     }
 
     #[test]
     fn the_page_loads_its_script_from_the_same_origin() {
         assert!(PAGE.contains("<script src=\"/status.js\""));
-        assert!(!PAGE.contains("<script>"), "inline scripts are refused by the CSP");
+        assert!(
+            !PAGE.contains("<script>"),
+            "inline scripts are refused by the CSP"
+        );
     }
 }

@@ -123,10 +123,13 @@ pub struct View {
     pub status: Option<Status>,
     /// The directives in force now.
     pub directives: Vec<Directive>,
-    /// `[unix ms, site kW, ASIC kW, GPU kW, limit kW]` over the last hour, oldest first; a
-    /// reading that was missing is null.
-    pub history: Vec<(i64, Option<f64>, Option<f64>, Option<f64>, f64)>,
+    /// The last hour, oldest first.
+    pub history: Vec<Point>,
 }
+
+/// One point of the chart: `[unix ms, site kW, ASIC kW, GPU kW, limit kW]`; a reading that was
+/// missing is null.
+pub type Point = (i64, Option<f64>, Option<f64>, Option<f64>, f64);
 
 impl Telemetry {
     pub fn signal(&self, outcome: Outcome) {
@@ -188,7 +191,7 @@ impl Telemetry {
             .history
             .iter()
             .enumerate()
-            .filter(|(i, _)| (n - 1 - i) % step == 0)
+            .filter(|(i, _)| (n - 1 - i).is_multiple_of(step))
             .map(|(_, s)| {
                 (
                     s.at.as_millisecond(),

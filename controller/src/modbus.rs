@@ -157,8 +157,7 @@ pub fn spawn_endpoints(
         let phase = timing.poll_interval * ((k as u32 * POLL_PHASES) / n) / POLL_PHASES;
         let task = Endpoint::new(
             site.clone(),
-            host,
-            port,
+            (host, port),
             devices,
             timing,
             desired.clone(),
@@ -224,8 +223,7 @@ async fn call<T>(
 impl Endpoint {
     fn new(
         site: Arc<Site>,
-        host: String,
-        port: u16,
+        (host, port): (String, u16),
         devices: Vec<DeviceId>,
         timing: Timing,
         desired: watch::Receiver<Desired>,
@@ -549,12 +547,23 @@ impl Endpoint {
             .ok_or_else(|| CallError::Link(DeviceError::Transport("not connected".into())))?;
         ctx.set_slave(Slave(unit));
         let states = match map.table {
-            RelayTable::Coil => call(limit, &self.telemetry.modbus, ctx.read_coils(map.address, n)).await?,
-            RelayTable::Holding => call(limit, &self.telemetry.modbus, ctx.read_holding_registers(map.address, n))
+            RelayTable::Coil => {
+                call(
+                    limit,
+                    &self.telemetry.modbus,
+                    ctx.read_coils(map.address, n),
+                )
                 .await?
-                .into_iter()
-                .map(|w| w == map.on_value)
-                .collect(),
+            }
+            RelayTable::Holding => call(
+                limit,
+                &self.telemetry.modbus,
+                ctx.read_holding_registers(map.address, n),
+            )
+            .await?
+            .into_iter()
+            .map(|w| w == map.on_value)
+            .collect(),
         };
         if states.len() < usize::from(n) {
             return Err(CallError::Device(DeviceError::Malformed(format!(
@@ -585,8 +594,22 @@ impl Endpoint {
             let n = (count - done).min(MAX_READ_WORDS);
             let addr = address.wrapping_add(done);
             let chunk = match table {
-                RegisterTable::Input => call(limit, &self.telemetry.modbus, ctx.read_input_registers(addr, n)).await?,
-                RegisterTable::Holding => call(limit, &self.telemetry.modbus, ctx.read_holding_registers(addr, n)).await?,
+                RegisterTable::Input => {
+                    call(
+                        limit,
+                        &self.telemetry.modbus,
+                        ctx.read_input_registers(addr, n),
+                    )
+                    .await?
+                }
+                RegisterTable::Holding => {
+                    call(
+                        limit,
+                        &self.telemetry.modbus,
+                        ctx.read_holding_registers(addr, n),
+                    )
+                    .await?
+                }
             };
             if chunk.len() != usize::from(n) {
                 return Err(CallError::Device(DeviceError::Malformed(format!(
@@ -682,10 +705,20 @@ impl Endpoint {
             let addr = relays.address + (first - 1);
             match (relays.table, states.as_slice()) {
                 (RelayTable::Coil, [one]) if relays.write == WriteMode::Single => {
-                    call(limit, &self.telemetry.modbus, ctx.write_single_coil(addr, *one)).await?
+                    call(
+                        limit,
+                        &self.telemetry.modbus,
+                        ctx.write_single_coil(addr, *one),
+                    )
+                    .await?
                 }
                 (RelayTable::Coil, many) => {
-                    call(limit, &self.telemetry.modbus, ctx.write_multiple_coils(addr, many)).await?
+                    call(
+                        limit,
+                        &self.telemetry.modbus,
+                        ctx.write_multiple_coils(addr, many),
+                    )
+                    .await?
                 }
                 (RelayTable::Holding, [one]) if relays.write == WriteMode::Single => {
                     let word = if *one {
@@ -693,7 +726,12 @@ impl Endpoint {
                     } else {
                         relays.off_value
                     };
-                    call(limit, &self.telemetry.modbus, ctx.write_single_register(addr, word)).await?
+                    call(
+                        limit,
+                        &self.telemetry.modbus,
+                        ctx.write_single_register(addr, word),
+                    )
+                    .await?
                 }
                 (RelayTable::Holding, many) => {
                     let words: Vec<u16> = many
@@ -706,7 +744,12 @@ impl Endpoint {
                             }
                         })
                         .collect();
-                    call(limit, &self.telemetry.modbus, ctx.write_multiple_registers(addr, &words)).await?
+                    call(
+                        limit,
+                        &self.telemetry.modbus,
+                        ctx.write_multiple_registers(addr, &words),
+                    )
+                    .await?
                 }
             }
         }

@@ -306,7 +306,10 @@ impl Meter {
             self.minutes.resize(k + 1, Sums::default());
         }
         self.minutes[k].add(site_kw, o);
-        self.by_directive.entry(interval).or_default().add(site_kw, o);
+        self.by_directive
+            .entry(interval)
+            .or_default()
+            .add(site_kw, o);
         if o.required_kw > NOTHING_KW {
             let pct = (baseline.site_kw - site_kw) / o.required_kw * 100.0;
             if self.first_response.is_none() && pct >= FIRST_RESPONSE_PCT {
@@ -354,9 +357,8 @@ impl Meter {
             all.merge(m);
         }
         let whole = evaluate(&all, baseline, pct);
-        let since = |t: Option<Timestamp>| {
-            t.map(|t| round3(t.duration_since(self.start).as_secs_f64()))
-        };
+        let since =
+            |t: Option<Timestamp>| t.map(|t| round3(t.duration_since(self.start).as_secs_f64()));
         let m = Measurement {
             id: self.id.clone(),
             start: self.start,
@@ -384,7 +386,11 @@ impl Meter {
             .iter()
             .filter(|d| d.start < end)
             .map(|d| {
-                let sums = self.by_directive.get(&d.interval).copied().unwrap_or_default();
+                let sums = self
+                    .by_directive
+                    .get(&d.interval)
+                    .copied()
+                    .unwrap_or_default();
                 EventInterval {
                     id: d.interval,
                     start: d.start,
@@ -525,7 +531,9 @@ mod tests {
     /// (at 200 kW before), measured from t = 60 s for `secs` seconds.
     fn measure(action: Action, during: f64, from: f64, secs: f64) -> (Measurement, Vec<Interval>) {
         let d = [directive(action, 60.0, None)];
-        let history: Vec<Sample> = (0..30).map(|k| sample(k as f64 * 2.0, 200.0, 120.0)).collect();
+        let history: Vec<Sample> = (0..30)
+            .map(|k| sample(k as f64 * 2.0, 200.0, 120.0))
+            .collect();
         let mut m = Meter::begin("evt", &d, t(60.0), &history, SETTINGS);
         let mut at = 60.0;
         while at < 60.0 + secs {
@@ -546,7 +554,10 @@ mod tests {
         ];
         let b = Baseline::of(&history, t(70.0), SignedDuration::from_secs(60)).unwrap();
         assert_eq!((b.site_kw, b.asic_kw, b.samples), (150.0, Some(50.0), 2));
-        assert_eq!(Baseline::of(&history[..1], t(70.0), SignedDuration::from_secs(60)), None);
+        assert_eq!(
+            Baseline::of(&history[..1], t(70.0), SignedDuration::from_secs(60)),
+            None
+        );
     }
 
     #[test]
@@ -563,7 +574,11 @@ mod tests {
             (Action::ShedAll, 120.0, 200.0),
         ] {
             let o = obligation(&action, &b);
-            assert_eq!((o.required_kw, o.ceiling_kw), (required, ceiling), "{action:?}");
+            assert_eq!(
+                (o.required_kw, o.ceiling_kw),
+                (required, ceiling),
+                "{action:?}"
+            );
         }
     }
 
@@ -632,7 +647,10 @@ mod tests {
         let mut m = Meter::begin("evt", &d, t(60.0), &[], SETTINGS);
         m.add(&sample(70.0, 10.0, 0.0));
         let (m, _) = m.finish(t(100.0));
-        assert_eq!((m.baseline_kw, m.reduction_kw, m.performance_pct), (None, None, None));
+        assert_eq!(
+            (m.baseline_kw, m.reduction_kw, m.performance_pct),
+            (None, None, None)
+        );
         assert!(!m.compliant);
     }
 

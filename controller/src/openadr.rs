@@ -94,7 +94,12 @@ fn iso_duration(d: SignedDuration) -> String {
 }
 
 /// The site's energy and mean power over each interval of OpenADR event `event_id`.
-pub fn usage(event_id: &str, client: &str, resource: &str, intervals: &[EventInterval]) -> ReportRequest {
+pub fn usage(
+    event_id: &str,
+    client: &str,
+    resource: &str,
+    intervals: &[EventInterval],
+) -> ReportRequest {
     let intervals = intervals
         .iter()
         .filter_map(|iv| {
@@ -234,7 +239,10 @@ mod tests {
             format: site_config::SignalFormat::Openadr3,
         };
         let v = serde_json::to_value(availability("evt-2", "demo", "site", &[d], 85.25)).unwrap();
-        assert_eq!(v["payloadDescriptors"][0]["payloadType"], "LOAD_SHED_DELTA_AVAILABLE");
+        assert_eq!(
+            v["payloadDescriptors"][0]["payloadType"],
+            "LOAD_SHED_DELTA_AVAILABLE"
+        );
         let iv = &v["resources"][0]["intervals"][0];
         assert_eq!(iv["id"], 3);
         assert_eq!(iv["intervalPeriod"]["duration"], "P9999Y");

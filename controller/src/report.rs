@@ -15,7 +15,8 @@ pub struct Measured {
     pub intervals: Vec<Interval>,
 }
 
-/// Every `measured` record of the journal at `path` (its rotated files included), oldest first.
+/// Every `measured` record of the journal at `path` (its rotated files included), in the order
+/// the events started.
 /// Lines that are not measurements, or cannot be read, are passed over.
 pub fn read(path: &Path) -> io::Result<Vec<Measured>> {
     if !path.exists() {
@@ -47,6 +48,7 @@ pub fn read(path: &Path) -> io::Result<Vec<Measured>> {
             }
         }
     }
+    out.sort_by_key(|m| m.measurement.start);
     Ok(out)
 }
 
@@ -92,7 +94,10 @@ pub fn table(events: &[Measured]) -> String {
             num(m.reduction_kw),
             num(m.performance_pct),
             format!("{}/{}", m.one_minute.compliant, m.one_minute.intervals),
-            format!("{}/{}", m.fifteen_minute.compliant, m.fifteen_minute.intervals),
+            format!(
+                "{}/{}",
+                m.fifteen_minute.compliant, m.fifteen_minute.intervals
+            ),
             num(m.first_response_s),
             num(m.full_response_s),
             yes(m.compliant),

@@ -90,6 +90,99 @@ fn plan_dry_runs_a_signal_against_rated_power() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("would be rejected"));
 }
 
+/// A journal line holding the measurement of event `id`: a 200 kW site asked to shed 50 kW,
+/// which came down to `kw` for 90 s.
+fn measured_line(id: &str, start_s: i64, kw: f64) -> String {
+    use controller::mv::{Meter, Sample, Settings};
+    use controller::signal::{Action, Directive};
+    let t = |s: i64| jiff::Timestamp::from_second(1_800_000_000 + start_s + s).unwrap();
+    let sample = |s: i64, site_kw: f64| Sample {
+        at: t(s),
+        site_kw: Some(site_kw),
+        asic_kw: Some(100.0),
+        gpu_kw: Some(60.0),
+        limit_kw: 300.0,
+    };
+    let directive = Directive {
+        id: id.into(),
+        interval: 0,
+        action: Action::Shed { kw: 50.0 },
+        start: t(60),
+        end: None,
+        priority: 1,
+        emergency: false,
+        format: site_config::SignalFormat::Native,
+    };
+    let settings = Settings {
+        baseline_window: jiff::SignedDuration::from_secs(60),
+        compliance_pct: 95.0,
+    };
+    let history = [sample(10, 200.0), sample(40, 200.0)];
+    let mut meter = Meter::begin(id, &[directive], t(60), &history, settings);
+    for s in (60..150).step_by(2) {
+        meter.add(&sample(s, kw));
+    }
+    let (measurement, intervals) = meter.finish(t(150));
+    let record = controller::journal::Record::Measured {
+        at: t(150),
+        measurement,
+        intervals,
+    };
+    serde_json::to_string(&record).unwrap() + "\n"
+}
+
+fn report(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).arg("report").args(args).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn report_prints_each_measured_event_as_a_table_and_as_settlement_csv() {
+    let meters = r#"{"record":"meters","at":"2027-01-15T08:00:00Z","site_kw":200.0,"asic_kw":100.0,"gpu_kw":60.0,"limit_kw":300.0,"shed_kw":0.0}"#;
+    let text = format!(
+        "{meters}\n{}{}{{\"record\":\"torn",
+        measured_line("evt-a", 0, 148.0),
+        measured_line("evt-b", 1000, 160.0)
+    );
+    let journal = temp("report.jsonl", &text);
+    let path = journal.to_str().unwrap();
+
+    let (ok, table, err) = report(&["--journal", path]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = table.lines().collect();
+    // evt-a: 52 of 50 kW (104 %), compliant; evt-b: 40 of 50 kW (80 %), not.
+    assert!(lines[1].starts_with("evt-a"), "{table}");
+    for figure in ["200.0", "50.0", "52.0", "104.0", "2/2", "1/1", "yes"] {
+        assert!(lines[1].contains(figure), "{figure} in {table}");
+    }
+    assert!(lines[2].starts_with("evt-b"), "{table}");
+    for figure in ["40.0", "80.0", "0/2", "0/1", "NO"] {
+        assert!(lines[2].contains(figure), "{figure} in {table}");
+    }
+
+    let (ok, csv, _) = report(&["--journal", path, "--csv"]);
+    assert!(ok);
+    let rows: Vec<&str> = csv.lines().collect();
+    assert!(
+        rows[0].starts_with("event,event_start,event_end,baseline_kw"),
+        "{csv}"
+    );
+    // Two 1-minute intervals and one 15-minute interval per event.
+    assert_eq!(rows.len(), 1 + 3 + 3, "{csv}");
+    assert!(rows.iter().all(|r| r.split(',').count() == 15), "{csv}");
+
+    let (ok, only, _) = report(&["--journal", path, "--event", "evt-b"]);
+    assert!(
+        ok && only.contains("evt-b") && !only.contains("evt-a"),
+        "{only}"
+    );
+    let (ok, _, err) = report(&["--journal", path, "--event", "nope"]);
+    assert!(!ok && err.contains("no measured event \"nope\""), "{err}");
+    let (ok, _, err) = report(&["--journal", "/nonexistent/journal.jsonl"]);
+    assert!(!ok && err.contains("no journal at"), "{err}");
+}
+
 /// firmware-sim for small.toml on ports shifted by an offset found free, and the site file to
 /// match (the binary reads a file, so the ports must be written in it).
 async fn sim_and_site(broker: &Broker) -> (Sim, PathBuf) {
@@ -344,6 +437,10 @@ async fn a_controller_killed_mid_event_resumes_it_from_the_journal_and_restores_
         second_run["state"]["timeline"]["evt-kill"].is_array(),
         "the restart's checkpoint holds the event: {second_run}"
     );
+    // The restarted controller measured the event it resumed, and the report finds it.
+    assert_eq!(count("measured"), 1);
+    let (ok, table, err) = report(&["--journal", journal.to_str().unwrap()]);
+    assert!(ok && table.contains("evt-kill"), "{table}{err}");
 }
 
 /// A broker outage mid-event, with the broker stopped and started again by the test.

@@ -40,13 +40,21 @@ pub mod site {
         PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/sites")).join(name)
     }
 
-    /// The text of an example site with every port (devices and broker URLs) shifted by
-    /// `offset`, so the same site can be served and controlled from a file on free ports.
+    /// The text of an example site with every device port shifted by `offset` and the broker
+    /// URL set to `broker_port`, so the same site can be served and controlled from a file on
+    /// free ports; its metrics endpoint, if any, takes a free port.
     pub fn text_with_port_offset(name: &str, offset: u16, broker_port: u16) -> String {
         let text = std::fs::read_to_string(path(name)).expect("site file");
+        let mut section = String::new();
         text.lines()
             .map(|line| {
                 let t = line.trim_start();
+                if t.starts_with('[') {
+                    section = t.to_owned();
+                }
+                if section == "[http]" && t.starts_with("port = ") {
+                    return "port = 0".to_owned();
+                }
                 if let Some(rest) = t.strip_prefix("port = ") {
                     let (num, comment) = rest.split_once(' ').unwrap_or((rest, ""));
                     if let Ok(p) = num.parse::<u16>() {

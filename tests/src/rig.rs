@@ -174,7 +174,9 @@ pub fn fast_policy(site: &mut Site) {
 /// Fetches `path` from the controller's HTTP endpoint: (status code, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the http endpoint");
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the http endpoint");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     s.write_all(request.as_bytes()).await.expect("send request");
     let mut raw = String::new();
@@ -389,7 +391,10 @@ impl Rig {
             {
                 return view;
             }
-            assert!(Instant::now() < deadline, "no {span:?} of readings: {view:#}");
+            assert!(
+                Instant::now() < deadline,
+                "no {span:?} of readings: {view:#}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -1,5 +1,5 @@
-//! The README's demo command runs to the end, prints the timeline and the verdict, and draws
-//! the plot (played 3x faster here).
+//! The README's demo command runs to the end, prints the timeline, the verdict and each event's
+//! measurement, and draws the plot (played 3x faster here).
 
 use std::process::Command;
 
@@ -31,6 +31,28 @@ fn the_demo_plays_the_day_prints_the_timeline_and_writes_the_plot() {
             "missing {expected:?} in:\n{stdout}"
         );
     }
+    // The M&V table: one line per event, each with a baseline and a verdict.
+    let table = stdout
+        .split_once("measurement and verification")
+        .map(|(_, t)| t)
+        .unwrap_or_else(|| panic!("no M&V table in:\n{stdout}"));
+    for id in ["evt-limit", "evt-emergency"] {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("{id} not measured:\n{table}"));
+        let baseline: f64 = line
+            .split_whitespace()
+            .nth(4)
+            .and_then(|b| b.parse().ok())
+            .unwrap_or_else(|| panic!("no baseline for {id}: {line}"));
+        assert!(baseline > 50.0, "{line}");
+        assert!(line.ends_with("yes") || line.ends_with("NO"), "{line}");
+    }
+    assert!(
+        stdout.contains("status page: http://127.0.0.1:"),
+        "{stdout}"
+    );
     let svg = std::fs::read_to_string(&plot).expect("plot written");
     assert_eq!(svg.matches("<path").count(), 4);
     let _ = std::fs::remove_dir_all(&dir);

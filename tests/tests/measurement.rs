@@ -65,10 +65,18 @@ async fn a_completed_event_is_acked_with_its_measurement_and_journaled_for_the_r
     let events = controller::report::read(&journal).expect("journal readable");
     assert_eq!(events.len(), 1, "{events:#?}");
     let journaled = serde_json::to_value(&events[0].measurement).expect("json");
-    assert_eq!(&journaled, m, "the journal and the ack carry the same measurement");
+    assert_eq!(
+        &journaled, m,
+        "the journal and the ack carry the same measurement"
+    );
     // One 1-minute and one 15-minute interval, each with the readings of the 5 s.
     assert_eq!(events[0].intervals.len(), 2);
-    assert!(events[0].intervals.iter().all(|i| i.samples >= 5 && i.compliant));
+    assert!(
+        events[0]
+            .intervals
+            .iter()
+            .all(|i| i.samples >= 5 && i.compliant)
+    );
     let table = controller::report::table(&events);
     assert!(table.contains("mv-1") && table.contains("yes"), "{table}");
 }
@@ -94,7 +102,9 @@ async fn an_openadr_event_gets_an_availability_report_before_and_a_usage_report_
     rig.signal(SignalFormat::Openadr3, event).await;
 
     let offer = upstream
-        .wait_from(0, REPORTS, 5 * SECOND, |r| r["reportName"] == "oadr-mv-availability")
+        .wait_from(0, REPORTS, 5 * SECOND, |r| {
+            r["reportName"] == "oadr-mv-availability"
+        })
         .await
         .json;
     assert_eq!(offer["eventID"], "oadr-mv");
@@ -112,7 +122,9 @@ async fn an_openadr_event_gets_an_availability_report_before_and_a_usage_report_
     let done = rig.ack(from, "oadr-mv", "completed", 20 * SECOND).await;
     assert!(done["measurement"]["baseline_kw"].is_number(), "{done:#}");
     let usage = upstream
-        .wait_from(0, REPORTS, 5 * SECOND, |r| r["reportName"] == "oadr-mv-usage")
+        .wait_from(0, REPORTS, 5 * SECOND, |r| {
+            r["reportName"] == "oadr-mv-usage"
+        })
         .await
         .json;
     eprintln!("usage report: {usage:#}");
@@ -134,7 +146,10 @@ async fn an_openadr_event_gets_an_availability_report_before_and_a_usage_report_
         let kw = iv["payloads"][1]["values"][0].as_f64().expect("DEMAND kW");
         // Mean power: under (about) the interval's limit, and energy = power × 3 s.
         assert!(kw > 20.0 && kw < limit + 15.0, "interval {k}: {kw} kW");
-        assert!((kwh - kw * 3.0 / 3600.0).abs() < 0.002, "interval {k}: {kwh} kWh");
+        assert!(
+            (kwh - kw * 3.0 / 3600.0).abs() < 0.002,
+            "interval {k}: {kwh} kWh"
+        );
     }
 }
 
@@ -146,7 +161,9 @@ async fn status_offers_the_measured_kw_that_could_be_shed() {
     let s = rig
         .utility
         .wait_from(0, &status, 10 * SECOND, |s| {
-            s["load_shed_delta_available_kw"].as_f64().is_some_and(|kw| kw > 0.0)
+            s["load_shed_delta_available_kw"]
+                .as_f64()
+                .is_some_and(|kw| kw > 0.0)
                 && s["asic_kw"].is_number()
         })
         .await

@@ -28,8 +28,11 @@ async fn rig_with_an_event_and_a_fault(id: &str) -> Rig {
     rig.sim.set_faults(FAULTED, faults).expect("fault injected");
     rig.readings_for(3 * SECOND).await;
     let from = rig.utility.seen.len();
-    rig.signal(SignalFormat::Native, r#"{"id":"bad","kind":"import_limit","kw":-5}"#)
-        .await;
+    rig.signal(
+        SignalFormat::Native,
+        r#"{"id":"bad","kind":"import_limit","kw":-5}"#,
+    )
+    .await;
     rig.signal(
         SignalFormat::Native,
         format!(r#"{{"id":"{id}","kind":"import_limit","kw":120}}"#),
@@ -39,9 +42,9 @@ async fn rig_with_an_event_and_a_fault(id: &str) -> Rig {
     rig.utility
         .wait_from(from, &status, 15 * SECOND, |s| {
             s["directives"].as_array().is_some_and(|d| d.len() == 1)
-                && s["faulted"].as_array().is_some_and(|f| {
-                    f.iter().any(|f| f["device"] == FAULTED)
-                })
+                && s["faulted"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|f| f["device"] == FAULTED))
         })
         .await;
     rig
@@ -60,7 +63,9 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
             .unwrap_or_else(|| panic!("not a sample: {line:?}"));
         let value: f64 = match value {
             "+Inf" => f64::INFINITY,
-            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
         };
         out.insert(key.to_owned(), value);
     }
@@ -75,7 +80,10 @@ async fn the_metrics_endpoint_answers_with_the_sites_figures() {
     let (code, text) = http_get(addr, "/metrics").await;
     assert_eq!(code, 200);
     let m = samples(&text);
-    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("{k} missing from\n{text}"));
+    let get = |k: &str| {
+        *m.get(k)
+            .unwrap_or_else(|| panic!("{k} missing from\n{text}"))
+    };
 
     for name in [
         "gridshed_site_kw",
@@ -88,8 +96,14 @@ async fn the_metrics_endpoint_answers_with_the_sites_figures() {
         "gridshed_modbus_request_seconds",
         "gridshed_plan_cycle_seconds",
     ] {
-        assert!(text.contains(&format!("# TYPE {name} ")), "no TYPE for {name}");
-        assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}");
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "no TYPE for {name}"
+        );
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "no HELP for {name}"
+        );
     }
     let site = get("gridshed_site_kw");
     assert!(
@@ -99,11 +113,17 @@ async fn the_metrics_endpoint_answers_with_the_sites_figures() {
     );
     assert!(get("gridshed_gpu_kw") > 0.0);
     assert_eq!(get("gridshed_limit_kw"), 120.0);
-    assert!(get("gridshed_shed_kw") > 0.0, "a limit of 120 kW sheds ASICs");
+    assert!(
+        get("gridshed_shed_kw") > 0.0,
+        "a limit of 120 kW sheds ASICs"
+    );
     let outlets = get("gridshed_outlets{state=\"on\"}") + get("gridshed_outlets{state=\"off\"}");
     assert_eq!(outlets as usize, rig.site.asics.len());
     assert_eq!(get("gridshed_devices_faulted"), 1.0);
-    assert_eq!(get(&format!("gridshed_device_faulted{{device=\"{FAULTED}\"}}")), 1.0);
+    assert_eq!(
+        get(&format!("gridshed_device_faulted{{device=\"{FAULTED}\"}}")),
+        1.0
+    );
     assert_eq!(get("gridshed_signals_total{outcome=\"accepted\"}"), 1.0);
     assert_eq!(get("gridshed_signals_total{outcome=\"rejected\"}"), 1.0);
     assert_eq!(get("gridshed_directives_active"), 1.0);
@@ -144,7 +164,12 @@ async fn the_http_endpoint_refuses_what_it_does_not_serve_and_keeps_serving() {
         (b"GET / SPDY/3\r\n\r\n", 505),
         (huge.as_bytes(), 431),
     ] {
-        assert_eq!(raw(addr, request).await, code, "{:?}", String::from_utf8_lossy(&request[..request.len().min(40)]));
+        assert_eq!(
+            raw(addr, request).await,
+            code,
+            "{:?}",
+            String::from_utf8_lossy(&request[..request.len().min(40)])
+        );
     }
     // A client that connects and says nothing does not hold the server up.
     let _idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -156,7 +181,9 @@ async fn the_http_endpoint_refuses_what_it_does_not_serve_and_keeps_serving() {
 /// The text of the element with `id` in `dom` (no nested tags).
 fn text_of<'a>(dom: &'a str, id: &str) -> &'a str {
     let open = format!("id=\"{id}\"");
-    let at = dom.find(&open).unwrap_or_else(|| panic!("no #{id} in the page"));
+    let at = dom
+        .find(&open)
+        .unwrap_or_else(|| panic!("no #{id} in the page"));
     let rest = &dom[at..];
     let start = rest.find('>').expect("tag end") + 1;
     let end = rest[start..].find('<').expect("element end");
@@ -165,12 +192,17 @@ fn text_of<'a>(dom: &'a str, id: &str) -> &'a str {
 
 /// The value of attribute `attr` on the first tag that contains `marker`.
 fn attr_of<'a>(dom: &'a str, marker: &str, attr: &str) -> &'a str {
-    let at = dom.find(marker).unwrap_or_else(|| panic!("no {marker} in the page"));
+    let at = dom
+        .find(marker)
+        .unwrap_or_else(|| panic!("no {marker} in the page"));
     let tag_start = dom[..at].rfind('<').expect("tag start");
     let tag_end = at + dom[at..].find('>').expect("tag end");
     let tag = &dom[tag_start..tag_end];
     let key = format!("{attr}=\"");
-    let v = tag.find(&key).unwrap_or_else(|| panic!("no {attr} in {tag}")) + key.len();
+    let v = tag
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {attr} in {tag}"))
+        + key.len();
     let len = tag[v..].find('"').expect("attribute end");
     &tag[v..v + len]
 }
@@ -220,12 +252,20 @@ async fn the_status_page_shows_chart_directives_and_faults_in_headless_chromium(
     );
 
     // The live values are the controller's (the site moves with the GPU racks' oscillation).
-    let shown: f64 = text_of(&dom, "site-kw").parse().expect("site kW is a number");
+    let shown: f64 = text_of(&dom, "site-kw")
+        .parse()
+        .expect("site kW is a number");
     let (_, body) = http_get(addr, "/api/status").await;
     let view: serde_json::Value = serde_json::from_str(&body).expect("json");
     let served = view["status"]["site_kw"].as_f64().expect("site kW");
-    assert!((shown - served).abs() < 30.0, "page {shown} kW, api {served} kW");
-    assert!(shown < 125.0, "the page shows {shown} kW under a 120 kW limit");
+    assert!(
+        (shown - served).abs() < 30.0,
+        "page {shown} kW, api {served} kW"
+    );
+    assert!(
+        shown < 125.0,
+        "the page shows {shown} kW under a 120 kW limit"
+    );
     assert_eq!(text_of(&dom, "limit-kw"), "120.0");
     assert_eq!(text_of(&dom, "site"), rig.site.id);
     let on: usize = text_of(&dom, "asics-on").parse().expect("count");
@@ -242,7 +282,10 @@ async fn the_status_page_shows_chart_directives_and_faults_in_headless_chromium(
     }
 
     // The active directive and the faulted device.
-    assert!(dom.contains("data-id=\"page-evt\""), "directive missing: {dom}");
+    assert!(
+        dom.contains("data-id=\"page-evt\""),
+        "directive missing: {dom}"
+    );
     assert!(attr_of(&dom, "data-id=\"page-evt\"", "data-id") == "page-evt");
     assert!(
         dom.contains(&format!("data-device=\"{FAULTED}\"")),

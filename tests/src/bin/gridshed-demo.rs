@@ -83,7 +83,9 @@ async fn main() {
     })
     .await;
     if let Some(addr) = rig.http {
-        println!("status page: http://{addr}/   metrics: http://{addr}/metrics (while the demo runs)\n");
+        println!(
+            "status page: http://{addr}/   metrics: http://{addr}/metrics (while the demo runs)\n"
+        );
     }
     let status_topic = rig.site.mqtt.status_topic.clone();
     let total = rig.site.asics.len();
@@ -163,7 +165,10 @@ async fn main() {
     report(&rig, &samples, &marks);
     rig.stop_controller().await;
     // The journal is complete once the controller has stopped.
-    println!("\nmeasurement and verification (gridshed report --journal {}):", journal.display());
+    println!(
+        "\nmeasurement and verification (gridshed report --journal {}):",
+        journal.display()
+    );
     match controller::report::read(&journal) {
         Ok(events) => print!("{}", controller::report::table(&events)),
         Err(e) => println!("  cannot read the journal: {e}"),
