@@ -1,5 +1,6 @@
-//! The journal: an append-only JSON Lines file of every signal taken, every event's end, every
-//! plan and whether the outlets followed it, device faults, and the meters at a steady pace.
+//! The journal: an append-only JSON Lines file of every signal taken, every event's end and its
+//! measurement, every plan and whether the outlets followed it, device faults, and the meters at
+//! a steady pace.
 //! It is what the controller resumes from after a restart, and the record an operator hands
 //! to the utility for settlement.
 //!

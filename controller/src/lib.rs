@@ -1,19 +1,24 @@
 //! `controller`: the gridshed edge controller.
 //!
+//! Deciding:
 //! - [`signal`]: utility signals (native, OpenADR 3.1, maestro) parsed into directives, purely.
 //! - [`timeline`]: the directives in force over time, resolved by priority and restriction.
-//! - [`backoff`]: exponential backoff with jitter, shared by the broker and Modbus links.
-//! - [`engine`]: the control loop (sense → plan → actuate), acknowledgements and status.
-//! - [`http`]: Prometheus metrics at `/metrics` and the status page at `/`.
-//! - [`journal`]: the append-only record of signals, plans and readings; what a restart resumes.
-//! - [`report`]: `gridshed report`: measured events from a journal, as a table and as CSV.
 //! - [`replay`]: refuses signals that would bring back an event that has ended.
-//! - [`mv`]: measurement and verification: baseline, reduction and compliance of each event.
-//! - [`openadr`]: OpenADR 3.1 reports sent upstream (usage, demand, load shed available).
-//! - [`metrics`]: counters, histograms and the last hour of readings, for `/metrics` and `/`.
+//! - [`planner`]: `plan(site, snapshot, timeline, now) -> Plan`, pure and deterministic.
+//! - [`engine`]: the control loop (sense → plan → actuate), acknowledgements and status.
+//!
+//! Talking to the world:
 //! - [`mqtt`]: the broker link (rumqttc): persistent session, backoff, last will.
 //! - [`modbus`]: one task per Modbus endpoint: polls readings, writes batched setpoints.
-//! - [`planner`]: `plan(site, snapshot, timeline, now) -> Plan`, pure and deterministic.
+//! - [`backoff`]: exponential backoff with jitter, shared by the broker and Modbus links.
+//! - [`journal`]: the append-only record of signals, plans and readings; what a restart resumes.
+//!
+//! Measuring and showing:
+//! - [`mv`]: measurement and verification: baseline, reduction and compliance of each event.
+//! - [`openadr`]: OpenADR 3.1 reports sent upstream (usage, demand, load shed available).
+//! - [`report`]: `gridshed report`: measured events from a journal, as a table and as CSV.
+//! - [`metrics`]: counters, histograms and the last hour of readings, for `/metrics` and `/`.
+//! - [`http`]: Prometheus metrics at `/metrics` and the status page at `/`.
 pub mod backoff;
 pub mod engine;
 pub mod http;
