@@ -220,60 +220,63 @@ impl Telemetry {
                 live.history.back().copied(),
             )
         };
-        let mut gauge = |name: &str, help: &str, value: Option<f64>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            if let Some(v) = value {
-                let _ = writeln!(out, "{name} {v}");
-            }
-        };
         // Power from the newest reading; the rest from the newest status.
         let reading = |f: fn(&Sample) -> Option<f64>| last.as_ref().and_then(f);
         let st = |f: fn(&Status) -> f64| status.as_ref().map(f);
-        gauge(
-            "gridshed_site_kw",
-            "Site import from the site meter, kW.",
-            reading(|s| s.site_kw),
-        );
-        gauge(
-            "gridshed_asic_kw",
-            "ASIC power, the sum of the outlet readings, kW.",
-            reading(|s| s.asic_kw),
-        );
-        gauge(
-            "gridshed_gpu_kw",
-            "GPU rack power from their meters, kW.",
-            reading(|s| s.gpu_kw),
-        );
-        gauge(
-            "gridshed_limit_kw",
-            "Import limit in force, kW.",
-            st(|s| s.limit_kw),
-        );
-        gauge(
-            "gridshed_shed_kw",
-            "Rated power of the ASICs gridshed has switched off, kW.",
-            st(|s| s.shed_kw),
-        );
-        gauge(
-            "gridshed_sheddable_kw",
-            "Rated power of the ASICs still on that could be switched off, kW.",
-            st(|s| s.sheddable_kw),
-        );
-        gauge(
-            "gridshed_load_shed_delta_available_kw",
-            "Measured power of the ASICs that could be switched off now, kW (OpenADR LOAD_SHED_DELTA_AVAILABLE).",
-            st(|s| s.load_shed_delta_available_kw),
-        );
-        gauge(
-            "gridshed_shortfall_kw",
-            "How far the ASICs alone cannot meet the limit, kW.",
-            st(|s| s.shortfall_kw),
-        );
-        gauge(
-            "gridshed_directives_active",
-            "Events whose directives count now.",
-            status.as_ref().map(|_| directives as f64),
-        );
+        let gauges = [
+            (
+                "gridshed_site_kw",
+                "Site import from the site meter, kW.",
+                reading(|s| s.site_kw),
+            ),
+            (
+                "gridshed_asic_kw",
+                "ASIC power, the sum of the outlet readings, kW.",
+                reading(|s| s.asic_kw),
+            ),
+            (
+                "gridshed_gpu_kw",
+                "GPU rack power from their meters, kW.",
+                reading(|s| s.gpu_kw),
+            ),
+            (
+                "gridshed_limit_kw",
+                "Import limit in force, kW.",
+                st(|s| s.limit_kw),
+            ),
+            (
+                "gridshed_shed_kw",
+                "Rated power of the ASICs gridshed has switched off, kW.",
+                st(|s| s.shed_kw),
+            ),
+            (
+                "gridshed_sheddable_kw",
+                "Rated power of the ASICs still on that could be switched off, kW.",
+                st(|s| s.sheddable_kw),
+            ),
+            (
+                "gridshed_load_shed_delta_available_kw",
+                "Measured power of the ASICs that could be switched off now, kW (OpenADR LOAD_SHED_DELTA_AVAILABLE).",
+                st(|s| s.load_shed_delta_available_kw),
+            ),
+            (
+                "gridshed_shortfall_kw",
+                "How far the ASICs alone cannot meet the limit, kW.",
+                st(|s| s.shortfall_kw),
+            ),
+            (
+                "gridshed_directives_active",
+                "Events whose directives count now.",
+                status.as_ref().map(|_| directives as f64),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            // Unknown (a meter not yet read, or faulted): no sample rather than a made-up one.
+            if let Some(v) = value {
+                let _ = writeln!(out, "{name} {v}");
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP gridshed_outlets ASIC outlets by the state gridshed holds them in.\n# TYPE gridshed_outlets gauge"

@@ -546,24 +546,14 @@ impl Endpoint {
             .as_mut()
             .ok_or_else(|| CallError::Link(DeviceError::Transport("not connected".into())))?;
         ctx.set_slave(Slave(unit));
+        let latency = &self.telemetry.modbus;
         let states = match map.table {
-            RelayTable::Coil => {
-                call(
-                    limit,
-                    &self.telemetry.modbus,
-                    ctx.read_coils(map.address, n),
-                )
+            RelayTable::Coil => call(limit, latency, ctx.read_coils(map.address, n)).await?,
+            RelayTable::Holding => call(limit, latency, ctx.read_holding_registers(map.address, n))
                 .await?
-            }
-            RelayTable::Holding => call(
-                limit,
-                &self.telemetry.modbus,
-                ctx.read_holding_registers(map.address, n),
-            )
-            .await?
-            .into_iter()
-            .map(|w| w == map.on_value)
-            .collect(),
+                .into_iter()
+                .map(|w| w == map.on_value)
+                .collect(),
         };
         if states.len() < usize::from(n) {
             return Err(CallError::Device(DeviceError::Malformed(format!(
@@ -588,6 +578,7 @@ impl Endpoint {
             .as_mut()
             .ok_or_else(|| CallError::Link(DeviceError::Transport("not connected".into())))?;
         ctx.set_slave(Slave(unit));
+        let latency = &self.telemetry.modbus;
         let mut out = Vec::with_capacity(usize::from(count));
         let mut done: u16 = 0;
         while done < count {
@@ -595,20 +586,10 @@ impl Endpoint {
             let addr = address.wrapping_add(done);
             let chunk = match table {
                 RegisterTable::Input => {
-                    call(
-                        limit,
-                        &self.telemetry.modbus,
-                        ctx.read_input_registers(addr, n),
-                    )
-                    .await?
+                    call(limit, latency, ctx.read_input_registers(addr, n)).await?
                 }
                 RegisterTable::Holding => {
-                    call(
-                        limit,
-                        &self.telemetry.modbus,
-                        ctx.read_holding_registers(addr, n),
-                    )
-                    .await?
+                    call(limit, latency, ctx.read_holding_registers(addr, n)).await?
                 }
             };
             if chunk.len() != usize::from(n) {
@@ -701,24 +682,15 @@ impl Endpoint {
             .as_mut()
             .ok_or_else(|| CallError::Link(DeviceError::Transport("not connected".into())))?;
         ctx.set_slave(Slave(unit));
+        let latency = &self.telemetry.modbus;
         for (first, states) in &writes {
             let addr = relays.address + (first - 1);
             match (relays.table, states.as_slice()) {
                 (RelayTable::Coil, [one]) if relays.write == WriteMode::Single => {
-                    call(
-                        limit,
-                        &self.telemetry.modbus,
-                        ctx.write_single_coil(addr, *one),
-                    )
-                    .await?
+                    call(limit, latency, ctx.write_single_coil(addr, *one)).await?
                 }
                 (RelayTable::Coil, many) => {
-                    call(
-                        limit,
-                        &self.telemetry.modbus,
-                        ctx.write_multiple_coils(addr, many),
-                    )
-                    .await?
+                    call(limit, latency, ctx.write_multiple_coils(addr, many)).await?
                 }
                 (RelayTable::Holding, [one]) if relays.write == WriteMode::Single => {
                     let word = if *one {
@@ -726,12 +698,7 @@ impl Endpoint {
                     } else {
                         relays.off_value
                     };
-                    call(
-                        limit,
-                        &self.telemetry.modbus,
-                        ctx.write_single_register(addr, word),
-                    )
-                    .await?
+                    call(limit, latency, ctx.write_single_register(addr, word)).await?
                 }
                 (RelayTable::Holding, many) => {
                     let words: Vec<u16> = many
@@ -744,12 +711,7 @@ impl Endpoint {
                             }
                         })
                         .collect();
-                    call(
-                        limit,
-                        &self.telemetry.modbus,
-                        ctx.write_multiple_registers(addr, &words),
-                    )
-                    .await?
+                    call(limit, latency, ctx.write_multiple_registers(addr, &words)).await?
                 }
             }
         }
