@@ -281,10 +281,24 @@ impl Mosquitto {
     /// Starts Mosquitto on `port` (a free one when `None`) with `extra` config lines, and waits
     /// until it logs that it is running.
     pub fn start(bin: PathBuf, port: Option<u16>, extra: &str) -> io::Result<Mosquitto> {
-        let port = match port {
-            Some(p) => p,
-            None => StdListener::bind("127.0.0.1:0")?.local_addr()?.port(),
-        };
+        if let Some(port) = port {
+            return Self::start_on(bin, port, extra);
+        }
+        // A port found free can be taken by another test (every rig binds ephemeral ports)
+        // before Mosquitto binds it: then try another.
+        let mut attempt = 0;
+        loop {
+            let port = StdListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            match Self::start_on(bin.clone(), port, extra) {
+                Err(e) if attempt < 5 && e.to_string().contains("Address already in use") => {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_on(bin: PathBuf, port: u16, extra: &str) -> io::Result<Mosquitto> {
         let dir =
             std::env::temp_dir().join(format!("gridshed-mosquitto-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
