@@ -165,9 +165,10 @@ async fn gpu_oscillation_does_not_make_asics_chatter(kind: BrokerKind) {
     else {
         return;
     };
-    // Regression (a failure seen once in CI, on a loaded machine): right after start-up the
-    // other-load estimate rests on a handful of readings, and its mean can fall far enough
-    // to restore an ASIC. A few seconds of readings first, so only the GPU swing is tested.
+    // Regression (an ASIC restored once in CI, on a loaded machine, not reproduced since):
+    // right after start-up the other-load estimate rests on a handful of readings, and a
+    // falling mean of them is the likely way the budget grew. A few seconds of readings
+    // first, so that what is tested is the GPU swing alone.
     rig.readings_for(3 * SECOND).await;
     let from = rig.utility.seen.len();
     rig.signal(
