@@ -221,16 +221,6 @@ pub struct Reporting {
     pub report_topic: Option<String>,
 }
 
-impl Default for Reporting {
-    fn default() -> Self {
-        Reporting {
-            baseline_window: Duration::from_secs(300),
-            compliance_pct: 95.0,
-            report_topic: None,
-        }
-    }
-}
-
 /// Where the Prometheus metrics (`/metrics`) and the status page (`/`) are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Http {

@@ -22,6 +22,7 @@ use crate::metrics::{Outcome, Telemetry};
 use crate::modbus::{Desired, DeviceError, Report};
 use crate::mv::{self, Measurement, Sample};
 use crate::planner::{AsicState, Plan, Planner, Snapshot};
+use crate::series::{self, keep_recent, round1};
 use crate::signal::{self, Action, Directive, Signal};
 use crate::timeline::Applied;
 
@@ -602,24 +603,9 @@ impl Engine {
 
     /// A reading of the whole site: kept for baselines, shown on the chart, and fed to the
     /// measurement of every event in progress.
-    fn take_sample(&mut self, now: Timestamp) {
-        let s = Sample {
-            at: now,
-            site_kw: self.site_kw(),
-            asic_kw: self.asic_kw(),
-            gpu_kw: self.gpu_kw(),
-            limit_kw: self
-                .last_plan
-                .as_ref()
-                .map_or(self.site.import_limit_kw, |p| p.limit_kw),
-        };
-        while self
-            .samples
-            .front()
-            .is_some_and(|f| now.duration_since(f.at) > SAMPLES_KEPT)
-        {
-            self.samples.pop_front();
-        }
+    fn take_sample(&mut self, s: Sample) {
+        let now = s.at;
+        keep_recent(&mut self.samples, |s| s.at, now, SAMPLES_KEPT);
         self.samples.push_back(s);
         self.telemetry.push_sample(s);
         for (id, t) in &mut self.tracked {
@@ -717,7 +703,8 @@ impl Engine {
                 }
                 if self.other_history.is_empty() {
                     // Start-up: the first estimate as soon as every reading is in.
-                    self.sample_other(now);
+                    let s = self.reading(now);
+                    self.sample_other(&s);
                 }
                 if changed {
                     Urgency::State
@@ -737,8 +724,9 @@ impl Engine {
                     self.sample_gpu(now);
                 }
                 if meter == self.site.site_meter {
-                    self.sample_other(now);
-                    self.take_sample(now);
+                    let s = self.reading(now);
+                    self.sample_other(&s);
+                    self.take_sample(s);
                 }
                 Urgency::Readings
             }
@@ -813,15 +801,8 @@ impl Engine {
             })
             .sum();
         self.gpu_history.push_back((now, total));
-        let window = SignedDuration::try_from(self.site.policy.gpu_peak_window)
-            .unwrap_or(SignedDuration::MAX);
-        while self
-            .gpu_history
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > window)
-        {
-            self.gpu_history.pop_front();
-        }
+        let window = series::window(self.site.policy.gpu_peak_window);
+        keep_recent(&mut self.gpu_history, |(t, _)| *t, now, window);
     }
 
     fn mark_reported(&mut self, device: DeviceId) {
@@ -837,19 +818,29 @@ impl Engine {
         }
     }
 
+    /// The whole site as last read.
+    fn reading(&self, now: Timestamp) -> Sample {
+        Sample {
+            at: now,
+            site_kw: self.site_kw(),
+            asic_kw: self.asic_kw(),
+            gpu_kw: self.gpu_kw(),
+            limit_kw: self
+                .last_plan
+                .as_ref()
+                .map_or(self.site.import_limit_kw, |p| p.limit_kw),
+        }
+    }
+
     /// Records the load that is neither ASIC nor GPU: site meter minus both.
-    fn sample_other(&mut self, now: Timestamp) {
-        let (Some(site), Some(asic), Some(gpu)) = (self.site_kw(), self.asic_kw(), self.gpu_kw())
-        else {
+    fn sample_other(&mut self, s: &Sample) {
+        let (Some(site), Some(asic), Some(gpu)) = (s.site_kw, s.asic_kw, s.gpu_kw) else {
             return;
         };
-        self.other_history.push_back((now, site - asic - gpu));
+        self.other_history.push_back((s.at, site - asic - gpu));
         self.last_other = Some(site - asic - gpu);
-        trim(
-            &mut self.other_history,
-            now,
-            self.site.policy.gpu_peak_window,
-        );
+        let window = series::window(self.site.policy.gpu_peak_window);
+        keep_recent(&mut self.other_history, |(t, _)| *t, s.at, window);
     }
 
     fn site_kw(&self) -> Option<f64> {
@@ -1193,27 +1184,14 @@ impl Engine {
             .filter(|(_, on)| !**on)
             .map(|(i, _)| rated(i))
             .sum();
-        let sheddable_kw = self
-            .site
-            .asics
-            .iter()
-            .filter(|a| {
-                snap_on[a.id.0 as usize] && !self.faults.contains_key(&DeviceId::Pdu(a.pdu))
-            })
-            .map(|a| a.rated_w / 1000.0)
-            .sum();
-        let available_kw: f64 = self
-            .site
-            .asics
-            .iter()
-            .filter(|a| {
-                snap_on[a.id.0 as usize] && !self.faults.contains_key(&DeviceId::Pdu(a.pdu))
-            })
-            .map(|a| {
-                let measured = self.asics[a.id.0 as usize].power_w;
-                measured.unwrap_or(a.rated_w) / 1000.0
-            })
-            .sum();
+        // Of the ASICs on and answering: their rating, and what they draw (the rating if unread).
+        let (mut sheddable_kw, mut available_kw) = (0.0, 0.0);
+        for a in &self.site.asics {
+            if snap_on[a.id.0 as usize] && !self.faults.contains_key(&DeviceId::Pdu(a.pdu)) {
+                sheddable_kw += a.rated_w / 1000.0;
+                available_kw += self.asics[a.id.0 as usize].power_w.unwrap_or(a.rated_w) / 1000.0;
+            }
+        }
         let on = snap_on.iter().filter(|o| **o).count();
         Status {
             site: self.site.id.clone(),
@@ -1285,19 +1263,4 @@ impl Engine {
         self.last_status = Some(status);
         self.last_status_at = Some(Instant::now());
     }
-}
-
-/// Drops samples older than `window`.
-fn trim(history: &mut VecDeque<(Timestamp, f64)>, now: Timestamp, window: Duration) {
-    let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
-    while history
-        .front()
-        .is_some_and(|(t, _)| now.duration_since(*t) > window)
-    {
-        history.pop_front();
-    }
-}
-
-fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
 }

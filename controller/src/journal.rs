@@ -36,6 +36,7 @@ use tracing::{error, warn};
 
 use crate::mv::{Interval, Measurement, Sample};
 use crate::replay::Replay;
+use crate::series::keep_recent;
 use crate::signal::Signal;
 use crate::timeline::{Applied, Timeline};
 
@@ -271,12 +272,7 @@ fn read_with_length(path: &Path) -> io::Result<(Recovered, u64)> {
                 out.state.apply(&r);
                 out.records += 1;
                 if let Some(s) = r.sample() {
-                    while samples
-                        .front()
-                        .is_some_and(|f: &Sample| s.at.duration_since(f.at) > SAMPLES_KEPT)
-                    {
-                        samples.pop_front();
-                    }
+                    keep_recent(&mut samples, |s: &Sample| s.at, s.at, SAMPLES_KEPT);
                     samples.push_back(s);
                 }
             }

@@ -16,6 +16,7 @@
 //! Measuring and showing:
 //! - [`mv`]: measurement and verification: baseline, reduction and compliance of each event.
 //! - [`openadr`]: OpenADR 3.1 reports sent upstream (usage, demand, load shed available).
+//! - [`series`]: forgetting old readings, rounding what is shown.
 //! - [`report`]: `gridshed report`: measured events from a journal, as a table and as CSV.
 //! - [`metrics`]: counters, histograms and the last hour of readings, for `/metrics` and `/`.
 //! - [`http`]: Prometheus metrics at `/metrics` and the status page at `/`.
@@ -31,6 +32,7 @@ pub mod openadr;
 pub mod planner;
 pub mod replay;
 pub mod report;
+pub mod series;
 pub mod signal;
 pub mod timeline;
 

@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::engine::Status;
 use crate::journal::End;
 use crate::mv::Sample;
+use crate::series::{keep_recent, round1};
 use crate::signal::Directive;
 
 /// How far back the status page's chart reaches.
@@ -164,13 +165,7 @@ impl Telemetry {
     /// A new reading of the site, for the chart.
     pub fn push_sample(&self, s: Sample) {
         let mut live = self.live();
-        while live
-            .history
-            .front()
-            .is_some_and(|f| s.at.duration_since(f.at) > HISTORY)
-        {
-            live.history.pop_front();
-        }
+        keep_recent(&mut live.history, |s| s.at, s.at, HISTORY);
         live.history.push_back(s);
     }
 
@@ -185,7 +180,7 @@ impl Telemetry {
         let live = self.live();
         let n = live.history.len();
         let step = n.div_ceil(CHART_POINTS).max(1);
-        let r = |x: Option<f64>| x.map(|v| (v * 10.0).round() / 10.0);
+        let r = |x: Option<f64>| x.map(round1);
         // Every `step`-th reading, and always the newest.
         let history = live
             .history

@@ -26,6 +26,7 @@ use std::collections::BTreeMap;
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 
+use crate::series::{round1, round3};
 use crate::signal::{Action, Directive};
 
 /// One reading of the site, as the engine saw it.
@@ -480,14 +481,6 @@ fn tally(c: &mut Compliance, iv: &Interval) {
 fn minute_index(start: Timestamp, at: Timestamp) -> usize {
     let nanos = at.duration_since(start).as_nanos().max(0);
     usize::try_from(nanos / MINUTE.as_nanos()).unwrap_or(usize::MAX)
-}
-
-fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 #[cfg(test)]

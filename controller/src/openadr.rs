@@ -9,6 +9,7 @@ use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 
 use crate::mv::EventInterval;
+use crate::series::round3;
 use crate::signal::Directive;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -165,10 +166,6 @@ pub fn availability(
             intervals,
         }],
     }
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 #[cfg(test)]
