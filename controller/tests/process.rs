@@ -376,7 +376,21 @@ async fn a_controller_killed_mid_event_resumes_it_from_the_journal_and_restores_
         })
         .await;
 
-    // SIGKILL mid-event: no goodbye, no flush beyond what the journal already synced.
+    // SIGKILL mid-event, once the journal holds the shed: the devices get their orders before
+    // the record goes to disk, and a loaded disk can hold that record back for seconds, which a
+    // kill would lose (harmlessly: the restart reads every PDU). What is tested here is the
+    // resume, so the kill comes after the record.
+    until(10 * SECOND, "the shed is journaled", || {
+        std::fs::read_to_string(&journal).is_ok_and(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .any(|r| {
+                    r["record"] == "plan" && r["off"].as_object().is_some_and(|o| !o.is_empty())
+                })
+        })
+    })
+    .await;
+    // No goodbye, no flush beyond what the journal already wrote.
     let mut child = child;
     child.kill().unwrap();
     let _ = child.wait();
@@ -419,7 +433,15 @@ async fn a_controller_killed_mid_event_resumes_it_from_the_journal_and_restores_
     let count = |kind: &str| records.iter().filter(|r| r["record"] == kind).count();
     assert_eq!(count("checkpoint"), 2, "one checkpoint per run");
     assert_eq!(count("accepted"), 1);
-    assert!(count("plan") >= 2, "the shed, and the restores");
+    let plans_that = |switch: &str| {
+        records
+            .iter()
+            .filter(|r| r["record"] == "plan")
+            .filter(|r| r[switch].as_object().is_some_and(|o| !o.is_empty()))
+            .count()
+    };
+    assert!(plans_that("off") >= 1, "the shed is journaled");
+    assert!(plans_that("on") >= 1, "the restores are journaled");
     assert!(count("meters") >= 5, "meters every 2 s");
     let done = records
         .iter()
