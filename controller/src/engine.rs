@@ -596,9 +596,7 @@ impl Engine {
             payload: serde_json::to_vec(report).unwrap_or_default(),
             retain: false,
         };
-        if out.try_send(msg).is_err() {
-            warn!("outbound queue full; report dropped");
-        }
+        self.publish_after_journal(out, msg, "report");
     }
 
     /// A reading of the whole site: kept for baselines, shown on the chart, and fed to the
@@ -652,8 +650,29 @@ impl Engine {
             payload,
             retain: false,
         };
-        if out.try_send(msg).is_err() {
-            warn!("outbound queue full; acknowledgement dropped");
+        self.publish_after_journal(out, msg, "acknowledgement");
+    }
+
+    /// Publishes `msg` once the journal holds everything recorded before it (at once without a
+    /// journal): an acknowledgement or a report never tells the utility what a restart would
+    /// not know. Acks and reports all go this way, so they keep their order.
+    fn publish_after_journal(
+        &self,
+        out: &mpsc::Sender<Outbound>,
+        msg: Outbound,
+        what: &'static str,
+    ) {
+        let send = {
+            let out = out.clone();
+            move || {
+                if out.try_send(msg).is_err() {
+                    warn!("outbound queue full; {what} dropped");
+                }
+            }
+        };
+        match &self.journal {
+            Some(j) => j.then(send),
+            None => send(),
         }
     }
 

@@ -315,19 +315,41 @@ fn suffixed(path: &Path, suffix: &str) -> PathBuf {
 /// Where records go: a bounded queue to the journal's thread. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Sender {
-    tx: mpsc::Sender<Record>,
+    tx: mpsc::Sender<Entry>,
     lost: Arc<AtomicU64>,
+}
+
+/// What the journal's thread is given: records to write, and what to do once they are on disk.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "records are nearly every entry: boxing them would allocate once more per record"
+)]
+enum Entry {
+    Record(Record),
+    Then(Box<dyn FnOnce() + Send>),
 }
 
 impl Sender {
     /// Queues a record without waiting. If the disk has fallen so far behind that the queue
     /// is full, the record is counted as lost and the journal says so in a `gap` record.
     pub fn record(&self, record: Record) {
-        if self.tx.try_send(record).is_err() {
+        if self.tx.try_send(Entry::Record(record)).is_err() {
             let lost = self.lost.fetch_add(1, Ordering::Relaxed) + 1;
             if lost.is_power_of_two() {
                 warn!(lost, "journal queue full: records lost");
             }
+        }
+    }
+
+    /// Runs `then` on the journal's thread once every record queued before it is on disk, so
+    /// that what it tells the world (an acknowledgement) is never ahead of what a restart will
+    /// know. If writing fails (a full disk), it still runs once the write has been tried: the
+    /// controller goes on without its disk. If the queue is full, it runs at once.
+    pub fn then(&self, then: impl FnOnce() + Send + 'static) {
+        if let Err(e) = self.tx.try_send(Entry::Then(Box::new(then)))
+            && let Entry::Then(then) = e.into_inner()
+        {
+            then();
         }
     }
 }
@@ -500,18 +522,25 @@ impl Files {
 fn write_loop(
     mut files: Files,
     mut state: State,
-    mut rx: mpsc::Receiver<Record>,
+    mut rx: mpsc::Receiver<Entry>,
     lost: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::new();
+    let mut after = Vec::new();
     let mut failing = false;
     while let Some(first) = rx.blocking_recv() {
         batch.clear();
-        batch.push(first);
-        while batch.len() < 1024
-            && let Ok(r) = rx.try_recv()
-        {
-            batch.push(r);
+        let mut entry = Some(first);
+        while let Some(e) = entry {
+            match e {
+                Entry::Record(r) => batch.push(r),
+                Entry::Then(f) => after.push(f),
+            }
+            entry = if batch.len() < 1024 {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         let gap = lost.swap(0, Ordering::Relaxed);
         if gap > 0 {
@@ -552,6 +581,9 @@ fn write_loop(
                 error!(file = %files.path.display(), error = %e, "journal write failed; records are being lost");
             }
             Err(_) => {}
+        }
+        for then in after.drain(..) {
+            then();
         }
     }
 }
@@ -635,6 +667,31 @@ mod tests {
         }
         drop(tx);
         writer.finish();
+    }
+
+    #[test]
+    fn what_follows_a_record_runs_only_once_the_record_is_on_disk() {
+        let path = dir("then").join("j.jsonl");
+        let (tx, writer, _) = open(&config(path.clone(), 1 << 20), "demo", t("09:00")).unwrap();
+        let (seen_tx, seen) = std::sync::mpsc::channel();
+        for k in 0..100 {
+            tx.record(accepted(&format!("evt-{k}"), "10:00"));
+            let (path, seen_tx) = (path.clone(), seen_tx.clone());
+            tx.then(move || {
+                let text = std::fs::read_to_string(&path).unwrap();
+                seen_tx
+                    .send((k, text.contains(&format!("\"evt-{k}\""))))
+                    .unwrap();
+            });
+        }
+        drop(tx);
+        writer.finish();
+        let seen: Vec<(usize, bool)> = seen.try_iter().collect();
+        assert_eq!(
+            seen,
+            (0..100).map(|k| (k, true)).collect::<Vec<_>>(),
+            "in order, each after its record"
+        );
     }
 
     #[test]

@@ -465,6 +465,42 @@ async fn a_controller_killed_mid_event_resumes_it_from_the_journal_and_restores_
     assert!(ok && table.contains("evt-kill"), "{table}{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_acknowledged_as_accepted_survives_a_kill_right_after() {
+    let broker = Broker::embedded().unwrap();
+    let journal = temp_dir("acked").join("journal.jsonl");
+    let extra = format!("\n[journal]\npath = \"{}\"\n", journal.display());
+    let (_sim, site) = sim_and_site_with(&broker, &extra).await;
+    let mut utility =
+        Client::connect(broker.port(), &["sites/demo/status", "sites/demo/ack"]).await;
+    let mut child = start_gridshed(&site, &mut utility).await;
+    utility
+        .publish(
+            "sites/demo/signals",
+            r#"{"id":"evt-acked","kind":"shed","kw":20,"duration_s":600}"#,
+        )
+        .await;
+    utility
+        .wait_from(0, "sites/demo/ack", 5 * SECOND, |a| {
+            a["id"] == "evt-acked" && a["status"] == "accepted"
+        })
+        .await;
+    // The utility has been told: the acceptance must already be on disk. (On an idle disk the
+    // journal is quick enough for this to pass either way; the order itself is shown by the
+    // journal's unit test `what_follows_a_record_runs_only_once_the_record_is_on_disk`.)
+    child.kill().unwrap();
+    let _ = child.wait();
+
+    let from = utility.seen.len();
+    let child = start_gridshed(&site, &mut utility).await;
+    utility
+        .wait_from(from, "sites/demo/ack", 5 * SECOND, |a| {
+            a["id"] == "evt-acked" && a["status"] == "active"
+        })
+        .await;
+    terminate(child).await;
+}
+
 /// A broker outage mid-event, with the broker stopped and started again by the test.
 async fn a_broker_outage_holds_the_shed_and_reconnects_without_a_log_flood(broker: Broker) {
     let mut broker = broker;
