@@ -12,10 +12,19 @@
 //! Then the same shed is done the naive way, one outlet at a time over one connection at a
 //! time, and the ratio printed. The last line of output is a JSON object with every figure.
 //!
+//! Two failure scenarios can follow the events:
+//!
+//! - `--dead-pct P`: P % of the PDUs stop answering just before an event; how soon the others
+//!   still bring the site meter under the limit, against two Modbus timeouts;
+//! - `--outage-s S`: the broker is gone for S seconds mid-event (and comes back having forgotten
+//!   every session); whether the shed was held, how soon the controller was back online, and how
+//!   many lines it logged meanwhile.
+//!
 //! ```text
 //! cargo build --release -p controller && \
 //!   cargo run --release -p hil --bin shed-bench -- --site config/sites/large.toml --events 20
 //! cargo run --release -p hil --bin shed-bench -- --pdus 2000 --outlets 24 --events 5
+//! cargo run --release -p hil --bin shed-bench -- --events 3 --dead-pct 10 --outage-s 30
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -25,7 +34,8 @@ use std::time::Duration;
 use firmware_sim::{Bind, Sim, SimOptions};
 use hil::broker::Broker;
 use hil::rig::Client;
-use serde_json::json;
+use serde_json::{Value, json};
+use site_config::Faults;
 use tokio::time::Instant;
 use tokio_modbus::client::{Writer, tcp};
 use tokio_modbus::prelude::SlaveContext;
@@ -37,6 +47,10 @@ struct Args {
     events: usize,
     relay_delay_ms: u32,
     naive: bool,
+    /// Percent of PDUs made dead for the dead-PDU scenario (0: not run).
+    dead_pct: u32,
+    /// Seconds of broker outage for the outage scenario (0: not run).
+    outage_s: u64,
 }
 
 fn args() -> Args {
@@ -47,11 +61,13 @@ fn args() -> Args {
         events: 20,
         relay_delay_ms: 0,
         naive: true,
+        dead_pct: 0,
+        outage_s: 0,
     };
     let mut it = std::env::args().skip(1);
     let usage = || -> ! {
         eprintln!(
-            "usage: shed-bench [--site FILE | --pdus N [--outlets M]] [--events K] [--relay-delay-ms D] [--no-naive]"
+            "usage: shed-bench [--site FILE | --pdus N [--outlets M]] [--events K] [--relay-delay-ms D] [--no-naive] [--dead-pct P] [--outage-s S]"
         );
         std::process::exit(2)
     };
@@ -64,6 +80,13 @@ fn args() -> Args {
             "--events" => a.events = value().parse().unwrap_or_else(|_| usage()),
             "--relay-delay-ms" => a.relay_delay_ms = value().parse().unwrap_or_else(|_| usage()),
             "--no-naive" => a.naive = false,
+            "--dead-pct" => {
+                a.dead_pct = value().parse().unwrap_or_else(|_| usage());
+                if a.dead_pct > 50 {
+                    usage();
+                }
+            }
+            "--outage-s" => a.outage_s = value().parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
@@ -301,7 +324,7 @@ async fn main() {
         std::process::exit(2)
     });
     let asics = probe.asics.len();
-    let broker = Broker::embedded().expect("embedded broker");
+    let mut broker = Broker::embedded().expect("embedded broker");
     let (sim, offset) = start_sim(
         &bench_text(&template, 0, broker.port(), asics),
         args.relay_delay_ms,
@@ -330,6 +353,8 @@ async fn main() {
         site.mqtt.signals[0].topic.clone(),
     );
     let mut utility = Client::connect(broker.port(), &[&status, &ack]).await;
+    // The controller's log goes to a file: the outage scenario counts its lines.
+    let log = dir.join("gridshed.log");
     let mut child: Child = Command::new(&bin)
         .args(["run", "--config"])
         .arg(&site_file)
@@ -339,7 +364,7 @@ async fn main() {
         )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(std::fs::File::create(&log).expect("log file"))
         .spawn()
         .expect("start gridshed");
     let pid = child.id();
@@ -405,6 +430,26 @@ async fn main() {
     tokio::time::sleep(idle).await;
     let (rss_mb, cpu_total) = proc_usage(pid);
     let idle_cpu_pct = (cpu_total - cpu_before) / idle.as_secs_f64() * 100.0;
+
+    let scene = Scene {
+        sim: &sim,
+        site: &site,
+        site_meter: &site_meter,
+        signals: &signals,
+        status: &status,
+        ack: &ack,
+    };
+    let dead = if args.dead_pct > 0 {
+        Some(dead_pdus(&scene, &mut utility, args.dead_pct).await)
+    } else {
+        None
+    };
+    let outage = if args.outage_s > 0 {
+        let outage = Duration::from_secs(args.outage_s);
+        Some(broker_outage(&scene, &mut utility, &mut broker, &log, outage).await)
+    } else {
+        None
+    };
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
@@ -460,9 +505,171 @@ async fn main() {
         "controller_idle_cpu_pct": idle_cpu_pct,
         "naive_ms": naive_ms,
         "naive_ratio": naive_ms.map(|n| n / c.p50),
+        "dead_pdus": dead,
+        "broker_outage": outage,
     });
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    let lines: Vec<&str> = logged.lines().collect();
+    println!("controller log: {} lines", lines.len());
+    for l in lines.iter().take(40) {
+        println!("  {l}");
+    }
     println!("{line}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What a failure scenario works with: the simulated site and the utility's topics.
+struct Scene<'a> {
+    sim: &'a Sim,
+    site: &'a site_config::Site,
+    site_meter: &'a str,
+    signals: &'a str,
+    status: &'a str,
+    ack: &'a str,
+}
+
+impl Scene<'_> {
+    /// Publishes, as event `id`, an import limit that needs about half the rated ASIC load
+    /// off, and waits until the site settles under it. Returns the ASICs off and how soon
+    /// (in seconds) the site meter read under the limit.
+    async fn half_shed(&self, utility: &Client, id: &str) -> (usize, Option<f64>) {
+        let site_kw = self.sim.meter_kw(self.site_meter).expect("site meter");
+        let limit = (site_kw - self.site.asic_rated_kw() / 2.0).max(1.0);
+        let t0 = Instant::now();
+        utility
+            .publish(
+                self.signals,
+                format!(r#"{{"id":"{id}","kind":"import_limit","kw":{limit:.1}}}"#),
+            )
+            .await;
+        settle(self.sim, self.site_meter, Some(limit), t0, |off| off > 0).await
+    }
+
+    /// Releases event `id` and waits until every ASIC is back on.
+    async fn release(&self, utility: &Client, id: &str) {
+        let t = Instant::now();
+        utility
+            .publish(self.signals, format!(r#"{{"id":"{id}","kind":"release"}}"#))
+            .await;
+        settle(self.sim, self.site_meter, None, t, |off| off == 0).await;
+    }
+}
+
+/// `pct` % of the PDUs (every (100 / pct)th) stop answering just before an import limit
+/// arrives: the controller's writes to them time out, and the others must make up for them.
+/// Prints and returns how soon the site meter read under the limit, against two timeouts.
+async fn dead_pdus(scene: &Scene<'_>, utility: &mut Client, pct: u32) -> Value {
+    let Scene { sim, site, .. } = *scene;
+    let dead: Vec<&site_config::Pdu> = site.pdus.iter().step_by((100 / pct) as usize).collect();
+    let no_reply = Faults {
+        no_reply: true,
+        ..Faults::default()
+    };
+    for p in &dead {
+        sim.set_faults(&p.name, no_reply.clone()).expect("pdu");
+    }
+    let timeout_ms = dead
+        .iter()
+        .map(|p| p.endpoint.timeout.as_secs_f64() * 1000.0)
+        .fold(0.0, f64::max);
+    let (off, confirmed) = scene.half_shed(utility, "bench-dead").await;
+    let confirmed_ms = confirmed.map(|c| c * 1000.0);
+    let met = confirmed_ms.is_some_and(|c| c <= 2.0 * timeout_ms);
+    println!(
+        "{} of {} PDUs dead ({pct} %): {off} ASICs off, site meter under the limit after {} (two timeouts: {:.0} ms): {}",
+        dead.len(),
+        site.pdus.len(),
+        confirmed_ms.map_or("never".into(), |c| format!("{c:.1} ms")),
+        2.0 * timeout_ms,
+        if met { "met" } else { "NOT met" }
+    );
+    scene.release(utility, "bench-dead").await;
+    sim.clear_faults();
+    // The PDUs answer again: wait until the controller has them all back.
+    let from = utility.seen.len();
+    utility
+        .wait_from(from, scene.status, Duration::from_secs(60), |s| {
+            s["faulted"].as_array().is_some_and(|f| f.is_empty())
+        })
+        .await;
+    utility.seen.clear();
+    json!({
+        "pct": pct,
+        "dead": dead.len(),
+        "asics_off": off,
+        "confirmed_ms": confirmed_ms,
+        "two_timeouts_ms": 2.0 * timeout_ms,
+        "met": met,
+    })
+}
+
+/// The broker goes away for `outage` mid-event and comes back having forgotten every session.
+/// Prints and returns whether the shed was held meanwhile, how soon after the broker's return
+/// the controller was online again and had re-announced the event, and how many lines it
+/// logged over the outage.
+async fn broker_outage(
+    scene: &Scene<'_>,
+    utility: &mut Client,
+    broker: &mut Broker,
+    log: &Path,
+    outage: Duration,
+) -> Value {
+    let sim = scene.sim;
+    let from = utility.seen.len();
+    scene.half_shed(utility, "bench-outage").await;
+    let active = |a: &Value| a["id"] == "bench-outage" && a["status"] == "active";
+    utility
+        .wait_from(from, scene.ack, Duration::from_secs(30), active)
+        .await;
+    let line_count = || std::fs::read_to_string(log).map_or(0, |t| t.lines().count());
+    let (off, writes, lines) = (sim.asic_relays_off(), sim.all_writes(), line_count());
+
+    broker.stop();
+    let end = Instant::now() + outage;
+    let mut fewest_off = off;
+    while Instant::now() < end {
+        fewest_off = fewest_off.min(sim.asic_relays_off());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let writes_during: u64 = sim
+        .all_writes()
+        .iter()
+        .map(|(name, n)| n - writes.get(name).copied().unwrap_or(0))
+        .sum();
+    let held = fewest_off >= off;
+
+    let from = utility.seen.len();
+    broker.restart(true).expect("the broker restarts");
+    let back = Instant::now();
+    let ms = |since: Instant| since.elapsed().as_secs_f64() * 1000.0;
+    utility
+        .wait_from(from, scene.status, Duration::from_secs(30), |s| {
+            s["online"] == true
+        })
+        .await;
+    let online_ms = ms(back);
+    utility
+        .wait_from(from, scene.ack, Duration::from_secs(30), active)
+        .await;
+    let announced_ms = ms(back);
+    let logged = line_count() - lines;
+    println!(
+        "broker gone {:.0} s mid-event: shed held {} ({off} ASICs off, fewest seen {fewest_off}; {writes_during} writes meanwhile); online again {online_ms:.0} ms after its return, event re-announced after {announced_ms:.0} ms; {logged} log lines",
+        outage.as_secs_f64(),
+        if held { "yes" } else { "NO" },
+    );
+    scene.release(utility, "bench-outage").await;
+    utility.seen.clear();
+    json!({
+        "outage_s": outage.as_secs_f64(),
+        "held": held,
+        "asics_off": off,
+        "fewest_off": fewest_off,
+        "writes_during": writes_during,
+        "online_after_ms": online_ms,
+        "reannounced_after_ms": announced_ms,
+        "log_lines": logged,
+    })
 }
 
 /// Waits until the number of ASICs off satisfies `done` and has not changed for 300 ms.
