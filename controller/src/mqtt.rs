@@ -9,7 +9,7 @@
 //! broker URL, if the site file gives one, is tried after repeated failures.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, StateError,
@@ -153,6 +153,8 @@ async fn poll(
     let brokers = site.mqtt.brokers.len();
     let mut broker = 0;
     let mut failures: u32 = 0;
+    // When the connection was last lost (for the line saying it is back).
+    let mut lost_at: Option<Instant> = None;
     // Set after a message too large to read: the next connection is a clean session.
     let mut clean_once = false;
     loop {
@@ -163,7 +165,16 @@ async fn poll(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                info!(broker = %site.mqtt.brokers[broker], session_present = ack.session_present, "connected to broker");
+                match lost_at.take() {
+                    Some(at) => info!(
+                        broker = %site.mqtt.brokers[broker],
+                        session_present = ack.session_present,
+                        attempts = failures,
+                        down_for = ?at.elapsed(),
+                        "connected to broker again"
+                    ),
+                    None => info!(broker = %site.mqtt.brokers[broker], session_present = ack.session_present, "connected to broker"),
+                }
                 failures = 0;
                 if std::mem::take(&mut clean_once) {
                     eventloop.mqtt_options.set_clean_session(false);
@@ -199,13 +210,27 @@ async fn poll(
                     clean_once = true;
                 }
                 failures = failures.saturating_add(1);
+                let down_for = lost_at.get_or_insert_with(Instant::now).elapsed();
                 let delay = backoff.delay(failures);
-                // One line per attempt, and attempts are spaced by the backoff: no log flood.
-                warn!(broker = %site.mqtt.brokers[broker], attempt = failures, retry_in = ?delay, error = %short(&e), "broker unreachable");
+                let logged = worth_a_line(failures);
+                if logged {
+                    let note = if failures == QUIET_AFTER {
+                        "broker unreachable; from now on only attempts 8, 16, 32, ... are logged"
+                    } else {
+                        "broker unreachable"
+                    };
+                    warn!(broker = %site.mqtt.brokers[broker], attempt = failures, down_for = ?down_for, retry_in = ?delay, error = %short(&e), "{note}");
+                } else {
+                    debug!(broker = %site.mqtt.brokers[broker], attempt = failures, retry_in = ?delay, error = %short(&e), "broker unreachable");
+                }
                 if brokers > 1 && failures.is_multiple_of(3) {
                     broker = (broker + 1) % brokers;
                     eventloop.mqtt_options = options(&site, broker)?;
-                    info!(broker = %site.mqtt.brokers[broker], "trying the other broker");
+                    if logged {
+                        info!(broker = %site.mqtt.brokers[broker], "trying the other broker");
+                    } else {
+                        debug!(broker = %site.mqtt.brokers[broker], "trying the other broker");
+                    }
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => break,
@@ -234,6 +259,15 @@ async fn poll(
     Ok(())
 }
 
+/// Attempts logged one by one before the log goes quiet.
+const QUIET_AFTER: u32 = 4;
+
+/// Whether failed attempt `n` (from 1) is logged: the first few, then 8, 16, 32, ... so that an
+/// outage of hours writes a dozen lines, not thousands (every attempt is logged at debug).
+fn worth_a_line(n: u32) -> bool {
+    n <= QUIET_AFTER || n.is_power_of_two()
+}
+
 /// True when the broker sent a packet larger than our transport limit.
 fn too_large(e: &ConnectionError) -> bool {
     matches!(
@@ -247,4 +281,15 @@ fn too_large(e: &ConnectionError) -> bool {
 /// The error, cut to a readable length (a broker may echo long data in an error).
 fn short(e: &ConnectionError) -> String {
     e.to_string().chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_outage_logs_a_few_attempts_then_ever_fewer() {
+        let logged: Vec<u32> = (1..=3600).filter(|&n| worth_a_line(n)).collect();
+        assert_eq!(logged, [1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]);
+    }
 }

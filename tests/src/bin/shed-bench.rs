@@ -509,11 +509,10 @@ async fn main() {
         "broker_outage": outage,
     });
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
-    let lines: Vec<&str> = logged.lines().collect();
-    println!("controller log: {} lines", lines.len());
-    for l in lines.iter().take(40) {
-        println!("  {l}");
-    }
+    println!(
+        "controller log: {} lines (GRIDSHED_BENCH_LOG sets its level; warn by default)",
+        logged.lines().count()
+    );
     println!("{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -621,7 +620,8 @@ async fn broker_outage(
     utility
         .wait_from(from, scene.ack, Duration::from_secs(30), active)
         .await;
-    let line_count = || std::fs::read_to_string(log).map_or(0, |t| t.lines().count());
+    let read_log = || std::fs::read_to_string(log).unwrap_or_default();
+    let line_count = || read_log().lines().count();
     let (off, writes, lines) = (sim.asic_relays_off(), sim.all_writes(), line_count());
 
     broker.stop();
@@ -638,6 +638,9 @@ async fn broker_outage(
         .sum();
     let held = fewest_off >= off;
 
+    // Whatever arrived before the broker went is taken in first, so that only what follows
+    // its return counts.
+    utility.drain();
     let from = utility.seen.len();
     broker.restart(true).expect("the broker restarts");
     let back = Instant::now();
@@ -653,6 +656,10 @@ async fn broker_outage(
         .await;
     let announced_ms = ms(back);
     let logged = line_count() - lines;
+    println!("the controller's log over the outage:");
+    for l in read_log().lines().skip(lines) {
+        println!("  {l}");
+    }
     println!(
         "broker gone {:.0} s mid-event: shed held {} ({off} ASICs off, fewest seen {fewest_off}; {writes_during} writes meanwhile); online again {online_ms:.0} ms after its return, event re-announced after {announced_ms:.0} ms; {logged} log lines",
         outage.as_secs_f64(),
