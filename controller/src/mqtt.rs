@@ -173,7 +173,9 @@ async fn poll(
                         down_for = ?at.elapsed(),
                         "connected to broker again"
                     ),
-                    None => info!(broker = %site.mqtt.brokers[broker], session_present = ack.session_present, "connected to broker"),
+                    None => {
+                        info!(broker = %site.mqtt.brokers[broker], session_present = ack.session_present, "connected to broker")
+                    }
                 }
                 failures = 0;
                 if std::mem::take(&mut clean_once) {
@@ -290,6 +292,9 @@ mod tests {
     #[test]
     fn a_long_outage_logs_a_few_attempts_then_ever_fewer() {
         let logged: Vec<u32> = (1..=3600).filter(|&n| worth_a_line(n)).collect();
-        assert_eq!(logged, [1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]);
+        assert_eq!(
+            logged,
+            [1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+        );
     }
 }
