@@ -22,6 +22,13 @@ acts as a gateway for two unit ids:
 Addresses are the zero-based protocol addresses seen on the wire: coil 0 on
 the wire is the first outlet.
 
+Anything else is answered with exception 02 (illegal data address): other
+input registers, holding registers, discrete inputs, the meter's coils, coils
+from N on. One gap, from pymodbus keeping coils in 16-bit words: a coil read
+that starts below N but runs past it (e.g. 0..8 with N = 8) is answered, with
+0 for the coils past N. A unit id other than 1 and 2 gets exception 04 from
+pymodbus 3.16.1 (its lookup fails), with an error logged on stderr.
+
 Protocol on stdout (each line flushed at once; nothing else goes there):
 
   ready PORT              once, when the server is listening
@@ -49,9 +56,10 @@ import sys
 import threading
 
 # The pymodbus release this script was written and checked against. Its
-# server API changes between minor releases (3.9 renamed "slave" to "device";
-# 3.16 replaced the datastore with SimData/SimDevice), so another major.minor
-# is refused rather than half-working.
+# server API changes between minor releases (3.10 renamed slave= to
+# device_id=; 3.12-3.13 moved the server onto SimData/SimDevice and dropped
+# the datastore's getValues/setValues hooks), so another major.minor is
+# refused rather than half-working.
 PYMODBUS_PIN = "3.16.1"
 
 
@@ -245,17 +253,17 @@ class Site:
         return [meter, pdu]
 
 
-def watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    """Block until stdin reaches EOF (or is unusable), then ask to stop.
+def watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, fd: int) -> None:
+    """Block until stdin (fd) reaches EOF or fails, then ask to stop.
 
     Runs in a daemon thread. os.read on the raw descriptor works for pipes,
     files and terminals alike and takes no lock that interpreter shutdown
     could wait on.
     """
     try:
-        while os.read(sys.stdin.fileno(), 4096):
+        while os.read(fd, 4096):
             pass
-    except (OSError, ValueError):
+    except OSError:
         pass
     try:
         loop.call_soon_threadsafe(stop.set)
@@ -280,7 +288,15 @@ async def serve(site: Site) -> int:
     port = server.transport.sockets[0].getsockname()[1]
     emit(f"ready {port}")
 
-    threading.Thread(target=watch_stdin, args=(loop, stop), daemon=True).start()
+    if sys.stdin is None:
+        # Started with stdin closed: it is at EOF already. (Its descriptor 0
+        # may since have been reused for a socket, so never read fd 0 then.)
+        stop.set()
+    else:
+        stdin_fd = sys.stdin.fileno()
+        threading.Thread(
+            target=watch_stdin, args=(loop, stop, stdin_fd), daemon=True
+        ).start()
     await stop.wait()
     await server.shutdown()
     return 0
