@@ -812,6 +812,42 @@ mod tests {
         assert!(std::fs::metadata(&path).unwrap().len() < 4_000);
     }
 
+    /// A full disk (Linux's `/dev/full` answers every write with ENOSPC): the records are lost,
+    /// but what waits on them (acknowledgements) still goes out, in order, and the writer
+    /// goes on taking records.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn on_a_full_disk_what_follows_the_records_still_runs() {
+        let file = OpenOptions::new().append(true).open("/dev/full").unwrap();
+        let files = Files {
+            path: PathBuf::from("/dev/full"),
+            file,
+            len: 0,
+            max_bytes: 1 << 20,
+            keep: 1,
+            site: "demo".into(),
+        };
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let lost = Arc::new(AtomicU64::new(0));
+        let thread = std::thread::spawn({
+            let lost = lost.clone();
+            move || write_loop(files, State::default(), rx, lost)
+        });
+        let sender = Sender { tx, lost };
+        let (ran_tx, ran) = std::sync::mpsc::channel();
+        for k in 0..10 {
+            sender.record(accepted(&format!("evt-{k}"), "10:00"));
+            let ran_tx = ran_tx.clone();
+            sender.then(move || ran_tx.send(k).unwrap());
+        }
+        drop(sender);
+        thread.join().expect("the writer survives a full disk");
+        assert_eq!(
+            ran.try_iter().collect::<Vec<_>>(),
+            (0..10).collect::<Vec<_>>()
+        );
+    }
+
     #[test]
     fn a_crash_between_the_renames_of_a_rotation_loses_nothing() {
         let path = dir("midrotate").join("j.jsonl");
