@@ -245,6 +245,51 @@ pub struct Engine {
     telemetry: Arc<Telemetry>,
 }
 
+/// How long an acknowledgement waits for the journal before it goes out anyway: a disk that
+/// hangs (a worn-out SD card) must not silence the site towards the utility.
+const JOURNAL_WAIT: Duration = Duration::from_secs(2);
+
+/// Sends `msg` once `journal` holds everything recorded before it, so that an acknowledgement
+/// or a report never tells the utility what a restart would not know; after [`JOURNAL_WAIT`]
+/// if the disk is slower than that; at once without a journal. Acks and reports all go this
+/// way, so they keep their order.
+fn send_after_journal(
+    journal: Option<&journal::Sender>,
+    out: &mpsc::Sender<Outbound>,
+    msg: Outbound,
+    what: &'static str,
+) {
+    fn send(out: &mpsc::Sender<Outbound>, msg: Outbound, what: &str) {
+        if out.try_send(msg).is_err() {
+            warn!("outbound queue full; {what} dropped");
+        }
+    }
+    fn take(slot: &std::sync::Mutex<Option<Outbound>>) -> Option<Outbound> {
+        slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+    let Some(journal) = journal else {
+        return send(out, msg, what);
+    };
+    // Whichever comes first, the journal's sync or the deadline, sends it.
+    let slot = Arc::new(std::sync::Mutex::new(Some(msg)));
+    journal.then({
+        let (slot, out) = (slot.clone(), out.clone());
+        move || {
+            if let Some(msg) = take(&slot) {
+                send(&out, msg, what);
+            }
+        }
+    });
+    let out = out.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(JOURNAL_WAIT).await;
+        if let Some(msg) = take(&slot) {
+            warn!(waited = ?JOURNAL_WAIT, "the journal is slow: {what} sent before it is on disk");
+            send(&out, msg, what);
+        }
+    });
+}
+
 /// How long a PDU whose relays disagreed stays distrusted: doubling with each disagreement.
 const DISTRUST: crate::backoff::Backoff = crate::backoff::Backoff {
     min: Duration::from_secs(2),
@@ -653,27 +698,15 @@ impl Engine {
         self.publish_after_journal(out, msg, "acknowledgement");
     }
 
-    /// Publishes `msg` once the journal holds everything recorded before it (at once without a
-    /// journal): an acknowledgement or a report never tells the utility what a restart would
-    /// not know. Acks and reports all go this way, so they keep their order.
+    /// Publishes `msg` once the journal holds everything recorded before it: see
+    /// [`send_after_journal`].
     fn publish_after_journal(
         &self,
         out: &mpsc::Sender<Outbound>,
         msg: Outbound,
         what: &'static str,
     ) {
-        let send = {
-            let out = out.clone();
-            move || {
-                if out.try_send(msg).is_err() {
-                    warn!("outbound queue full; {what} dropped");
-                }
-            }
-        };
-        match &self.journal {
-            Some(j) => j.then(send),
-            None => send(),
-        }
+        send_after_journal(self.journal.as_ref(), out, msg, what);
     }
 
     /// Takes in one report; says how soon the plan should be looked at again.
@@ -1281,5 +1314,40 @@ impl Engine {
         }
         self.last_status = Some(status);
         self.last_status_at = Some(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(topic: &str) -> Outbound {
+        Outbound {
+            topic: topic.into(),
+            payload: Vec::new(),
+            retain: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ack_waits_for_the_journal_but_not_for_ever() {
+        let (journal, _stalled) = journal::Sender::stalled();
+        let (out, mut sent) = mpsc::channel(8);
+        send_after_journal(Some(&journal), &out, msg("ack"), "acknowledgement");
+        tokio::time::sleep(JOURNAL_WAIT - Duration::from_millis(1)).await;
+        assert!(
+            sent.try_recv().is_err(),
+            "held while the journal may yet write"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(sent.try_recv().map(|m| m.topic).as_deref(), Ok("ack"));
+        assert!(sent.try_recv().is_err(), "sent once");
+    }
+
+    #[tokio::test]
+    async fn without_a_journal_an_ack_goes_at_once() {
+        let (out, mut sent) = mpsc::channel(8);
+        send_after_journal(None, &out, msg("ack"), "acknowledgement");
+        assert_eq!(sent.try_recv().map(|m| m.topic).as_deref(), Ok("ack"));
     }
 }

@@ -341,6 +341,14 @@ impl Sender {
         }
     }
 
+    /// A sender whose writer never writes (as on a hung disk), and what keeps it so.
+    #[cfg(test)]
+    pub(crate) fn stalled() -> (Sender, impl Sized) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let lost = Arc::new(AtomicU64::new(0));
+        (Sender { tx, lost }, rx)
+    }
+
     /// Runs `then` on the journal's thread once every record queued before it is on disk, so
     /// that what it tells the world (an acknowledgement) is never ahead of what a restart will
     /// know. If writing fails (a full disk), it still runs once the write has been tried: the
