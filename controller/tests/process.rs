@@ -252,6 +252,35 @@ async fn start_gridshed_logging(
 }
 
 /// Stops a child with SIGTERM and waits for it.
+/// Sends `signal` (a name, e.g. "STOP") to `child`.
+fn kill(child: &std::process::Child, signal: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status();
+    assert!(sent.is_ok_and(|s| s.success()), "kill -{signal}");
+}
+
+/// Waits until the utility, back on a broker that forgot it, is subscribed to `topic` again:
+/// it publishes probes there until one comes back.
+async fn subscribed_again(utility: &mut Client, topic: &str) {
+    let start = tokio::time::Instant::now();
+    for n in 0u32.. {
+        assert!(
+            start.elapsed() < 10 * SECOND,
+            "not subscribed again within 10 s"
+        );
+        utility.publish(topic, format!(r#"{{"probe":{n}}}"#)).await;
+        let from = utility.seen.len();
+        let back = utility.wait_from(from, topic, 10 * SECOND, |m| m["probe"] == n);
+        if tokio::time::timeout(Duration::from_millis(200), back)
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
 async fn terminate(child: std::process::Child) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -538,9 +567,15 @@ async fn a_broker_outage_holds_the_shed_and_reconnects_without_a_log_flood(broke
         "nothing written during the outage"
     );
 
-    // The broker returns having forgotten every session.
+    // The broker returns having forgotten every session. An ack is not retained: only who is
+    // subscribed when it goes sees it. So the controller is held back (SIGSTOP) until the
+    // utility has subscribed again, or the two race (a flake seen in CI).
+    utility.drain();
     let from = utility.seen.len();
+    kill(&child, "STOP");
     broker.restart(true).expect("broker restarts");
+    subscribed_again(&mut utility, "sites/demo/ack").await;
+    kill(&child, "CONT");
     let back = tokio::time::Instant::now();
     utility
         .wait_from(from, "sites/demo/ack", 10 * SECOND, |a| {
