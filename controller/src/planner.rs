@@ -207,21 +207,14 @@ impl Planner {
         let gpu_peak_kw =
             gpu_peak(&snap.gpu_kw, now, policy.gpu_peak_window).unwrap_or(self.gpu_rated_kw);
         let others = other_samples(&snap.other_kw, now, policy.gpu_peak_window);
+        let other_kw = robust_mean_since(&others, now, std::time::Duration::MAX)
+            .unwrap_or(0.0)
+            .max(0.0);
         // The other-load estimate subtracts GPU readings taken at other instants than the site
         // meter's, so single estimates are off by up to the GPU swing; only their mean over many
         // swings is good. Restoring on a young estimate is how ASICs chatter after start-up:
-        // until the samples cover half the window, only shedding is allowed. And a young mean
-        // can be low as well as high: until then the largest sample stands for the other load,
-        // so that a signal in the first seconds sheds enough at once (a few kW too much at
-        // worst, given back once the estimate is warm) rather than too little.
+        // until the samples cover half the window, only shedding is allowed.
         let warm = is_warm(&others, now, policy.gpu_peak_window, policy.poll_interval);
-        let other_kw = if warm {
-            robust_mean_since(&others, now, std::time::Duration::MAX)
-        } else {
-            others.iter().map(|(_, kw)| *kw).reduce(f64::max)
-        }
-        .unwrap_or(0.0)
-        .max(0.0);
         let mut budget_kw = limit_kw - gpu_peak_kw - other_kw - policy.margin_kw;
         if let Some(shed) = force.shed_kw {
             budget_kw = budget_kw.min(self.fleet_rated_kw - shed);

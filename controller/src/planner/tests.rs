@@ -448,26 +448,3 @@ fn noisy_other_load_estimates_widen_the_restore_deadband() {
     );
     assert!(quiet > 0.0);
 }
-
-#[test]
-fn a_young_other_load_estimate_counts_its_largest_sample() {
-    let site = site();
-    let limit = timeline(Action::ImportLimit { kw: 140.0 }, false);
-    let mut snap = snapshot(&site, |_| true, None, 50.0, at(0));
-    // Three seconds of estimates scattered by the GPU swing, mean 5 kW, largest 11 kW.
-    snap.other_kw = vec![(at(-3), -1.0), (at(-2), 11.0), (at(-1), 5.0)];
-    let young = plan(&site, &snap, &limit, at(0));
-    assert_eq!(young.other_kw, 11.0);
-    // Warm (covering half the 30 s window), the same scatter counts at its robust mean.
-    snap.other_kw = (1..=16)
-        .map(|s| (at(-s), [-1.0, 11.0, 5.0][s as usize % 3]))
-        .collect();
-    let warm = plan(&site, &snap, &limit, at(0));
-    assert!(warm.other_kw < 11.0, "{}", warm.other_kw);
-    assert!(
-        young.planned_asic_kw < warm.planned_asic_kw,
-        "the young estimate sheds more: {} vs {}",
-        young.planned_asic_kw,
-        warm.planned_asic_kw
-    );
-}
