@@ -641,7 +641,7 @@ impl Engine {
             payload: serde_json::to_vec(report).unwrap_or_default(),
             retain: false,
         };
-        self.publish_after_journal(out, msg, "report");
+        send_after_journal(self.journal.as_ref(), out, msg, "report");
     }
 
     /// A reading of the whole site: kept for baselines, shown on the chart, and fed to the
@@ -695,18 +695,7 @@ impl Engine {
             payload,
             retain: false,
         };
-        self.publish_after_journal(out, msg, "acknowledgement");
-    }
-
-    /// Publishes `msg` once the journal holds everything recorded before it: see
-    /// [`send_after_journal`].
-    fn publish_after_journal(
-        &self,
-        out: &mpsc::Sender<Outbound>,
-        msg: Outbound,
-        what: &'static str,
-    ) {
-        send_after_journal(self.journal.as_ref(), out, msg, what);
+        send_after_journal(self.journal.as_ref(), out, msg, "acknowledgement");
     }
 
     /// Takes in one report; says how soon the plan should be looked at again.

@@ -110,6 +110,11 @@ pub mod modbus {
 pub mod tools {
     use std::path::PathBuf;
 
+    /// True under `CI=true` (or `CI=1`): tools that tests may skip without are required.
+    pub fn ci() -> bool {
+        std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+    }
+
     /// Finds `program` on PATH. When it is missing the test is skipped (returns `None`), except
     /// under `CI=true`, where a missing tool fails the test: CI must have run it.
     pub fn require(program: &str) -> Option<PathBuf> {
@@ -121,9 +126,8 @@ pub mod tools {
             .map(|dir| dir.join(program))
             .find(|p| p.is_file());
         if found.is_none() {
-            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
             assert!(
-                !ci,
+                !ci(),
                 "{program} is required under CI=true but is not installed"
             );
             eprintln!("skipping: {program} is not installed (apt-get install {program})");

@@ -33,10 +33,6 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("pymodbus/site.py")
 }
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
 /// Starts the script and waits for its `ready PORT`. `None` (the test is skipped) when python3
 /// or pymodbus is missing, except under CI=true, where that fails the test.
 async fn start_pysite() -> Option<PySite> {
@@ -53,7 +49,7 @@ async fn start_pysite() -> Option<PySite> {
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            assert!(!ci(), "python3 is required under CI=true: {e}");
+            assert!(!hil::tools::ci(), "python3 is required under CI=true: {e}");
             eprintln!("skipping: python3 cannot be started: {e}");
             return None;
         }
@@ -71,7 +67,7 @@ async fn start_pysite() -> Option<PySite> {
         // No `ready` line: the script has said why on stderr (exit code 2: pymodbus missing).
         let status = child.wait().await.expect("the script's exit status");
         assert!(
-            !ci(),
+            !hil::tools::ci(),
             "pymodbus is required under CI=true (python3 -m pip install pymodbus==3.16.1); the script said {first:?} and exited {status}"
         );
         eprintln!("skipping: pymodbus is not installed (exit {status})");
@@ -176,22 +172,59 @@ fn kw(s: &Value, key: &str) -> f64 {
     s[key].as_f64().unwrap_or(f64::NAN)
 }
 
+/// The whole loop: the pymodbus site, a broker, the utility's client and the controller.
+struct Loop {
+    py: PySite,
+    utility: Client,
+    stop: oneshot::Sender<()>,
+    controller: tokio::task::JoinHandle<Result<(), controller::RunError>>,
+    _broker: Broker,
+}
+
+impl Loop {
+    /// Starts it all, the site file declaring the PDU with `pdu_outlets` outlets. `None` when
+    /// the test is skipped (see [`start_pysite`]).
+    async fn start(pdu_outlets: usize) -> Option<Loop> {
+        let py = start_pysite().await?;
+        let broker = Broker::embedded().expect("embedded broker");
+        let text = site_text(py.port, broker.port(), pdu_outlets);
+        let site = site_config::parse(Path::new("pymodbus.toml"), &text)
+            .expect("the interop site is valid");
+        let utility = Client::connect(broker.port(), &["sites/py/status", "sites/py/ack"]).await;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let controller = tokio::spawn(controller::run(site, async {
+            let _ = stopped.await;
+        }));
+        Some(Loop {
+            py,
+            utility,
+            stop,
+            controller,
+            _broker: broker,
+        })
+    }
+
+    /// Stops the controller, then the script (by closing its stdin); returns how it exited.
+    async fn finish(mut self) -> std::process::ExitStatus {
+        let _ = self.stop.send(());
+        self.controller
+            .await
+            .expect("controller task")
+            .expect("controller ran");
+        drop(self.py.stdin.take());
+        tokio::time::timeout(Duration::from_secs(10), self.py.child.wait())
+            .await
+            .expect("the pymodbus site stops")
+            .expect("its exit status")
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_reads_and_switches_a_pymodbus_site() {
-    let Some(mut py) = start_pysite().await else {
+    let Some(mut run) = Loop::start(OUTLETS).await else {
         return;
     };
-    let broker = Broker::embedded().expect("embedded broker");
-    let site = site_config::parse(
-        Path::new("pymodbus.toml"),
-        &site_text(py.port, broker.port(), OUTLETS),
-    )
-    .expect("the interop site is valid");
-    let mut utility = Client::connect(broker.port(), &["sites/py/status", "sites/py/ack"]).await;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let controller = tokio::spawn(controller::run(site, async {
-        let _ = stopped.await;
-    }));
+    let (py, utility) = (&mut run.py, &mut run.utility);
 
     // Reads: the meter's f32 (high word first) and the outlets' u16 watts, through a gateway.
     let full_kw = BASE_KW + OUTLETS as f64 * RATED_W / 1000.0;
@@ -257,17 +290,8 @@ async fn the_controller_reads_and_switches_a_pymodbus_site() {
     py.take_writes();
     assert_eq!(py.coils, vec![true; OUTLETS], "every relay written back on");
 
-    let _ = stop.send(());
-    controller
-        .await
-        .expect("controller task")
-        .expect("controller ran");
     // Closing its stdin stops the script cleanly.
-    drop(py.stdin.take());
-    let status = tokio::time::timeout(Duration::from_secs(10), py.child.wait())
-        .await
-        .expect("the pymodbus site stops")
-        .expect("its exit status");
+    let status = run.finish().await;
     assert!(status.success(), "the pymodbus site exited {status}");
 }
 
@@ -276,17 +300,10 @@ async fn the_controller_reads_and_switches_a_pymodbus_site() {
 /// faulted with that reason; nothing is written to it, whatever the signal asks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pymodbus_exception_faults_the_pdu_and_nothing_is_written() {
-    let Some(mut py) = start_pysite().await else {
+    let Some(mut run) = Loop::start(OUTLETS + 1).await else {
         return;
     };
-    let broker = Broker::embedded().expect("embedded broker");
-    let text = site_text(py.port, broker.port(), OUTLETS + 1);
-    let site = site_config::parse(Path::new("pymodbus.toml"), &text).expect("valid site");
-    let mut utility = Client::connect(broker.port(), &["sites/py/status", "sites/py/ack"]).await;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let controller = tokio::spawn(controller::run(site, async {
-        let _ = stopped.await;
-    }));
+    let (py, utility) = (&mut run.py, &mut run.utility);
     let faulted = |s: &Value| {
         s["faulted"].as_array().is_some_and(|f| {
             f.iter().any(|d| {
@@ -334,11 +351,5 @@ async fn a_pymodbus_exception_faults_the_pdu_and_nothing_is_written() {
         "nothing was written to the faulted PDU"
     );
 
-    let _ = stop.send(());
-    controller
-        .await
-        .expect("controller task")
-        .expect("controller ran");
-    drop(py.stdin.take());
-    let _ = tokio::time::timeout(Duration::from_secs(10), py.child.wait()).await;
+    run.finish().await;
 }

@@ -379,22 +379,26 @@ async fn main() {
     // Let the GPU window and the other-load estimate fill before the first event.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let site_meter = site.meter(site.site_meter).name.clone();
+    let scene = Scene {
+        sim: &sim,
+        site: &site,
+        site_meter: &site_meter,
+        signals: &signals,
+        status: &status,
+        ack: &ack,
+    };
 
     let (mut commanded, mut confirmed, mut restored) = (Vec::new(), Vec::new(), Vec::new());
     let mut shed_set: Vec<(String, Vec<u16>)> = Vec::new();
     let mut off_counts = Vec::new();
     for event in 0..args.events {
-        let site_kw = sim.meter_kw(&site_meter).expect("site meter");
-        let limit = (site_kw - rated_kw / 2.0).max(1.0);
         let id = format!("bench-{event}");
-        let t0 = Instant::now();
-        utility
-            .publish(
-                &signals,
-                format!(r#"{{"id":"{id}","kind":"import_limit","kw":{limit:.1}}}"#),
-            )
-            .await;
-        let (off, conf) = settle(&sim, &site_meter, Some(limit), t0, |off| off > 0).await;
+        let Shed {
+            at: t0,
+            off,
+            confirmed: conf,
+            ..
+        } = scene.half_shed(&utility, &id).await;
         let Some(last) = sim.last_write_since(t0) else {
             eprintln!("event {event}: nothing was written");
             break;
@@ -409,11 +413,7 @@ async fn main() {
                 shed_set.push((p.name.clone(), sim.outlets_off(&p.name).expect("pdu")));
             }
         }
-        let t1 = Instant::now();
-        utility
-            .publish(&signals, format!(r#"{{"id":"{id}","kind":"release"}}"#))
-            .await;
-        settle(&sim, &site_meter, None, t1, |off| off == 0).await;
+        let t1 = scene.release(&utility, &id).await;
         if let Some(last) = sim.last_write_since(t1) {
             restored.push((last - t1).as_secs_f64() * 1000.0);
         }
@@ -434,14 +434,6 @@ async fn main() {
     let (rss_mb, cpu_total) = proc_usage(pid);
     let idle_cpu_pct = (cpu_total - cpu_before) / idle.as_secs_f64() * 100.0;
 
-    let scene = Scene {
-        sim: &sim,
-        site: &site,
-        site_meter: &site_meter,
-        signals: &signals,
-        status: &status,
-        ack: &ack,
-    };
     let dead = if args.dead_pct > 0 {
         Some(dead_pdus(&scene, &mut utility, args.dead_pct).await)
     } else {
@@ -531,11 +523,21 @@ struct Scene<'a> {
     ack: &'a str,
 }
 
+/// An import limit published and settled under.
+struct Shed {
+    /// When it was published.
+    at: Instant,
+    limit: f64,
+    /// ASICs off once settled.
+    off: usize,
+    /// How soon (seconds) the site meter read under the limit.
+    confirmed: Option<f64>,
+}
+
 impl Scene<'_> {
     /// Publishes, as event `id`, an import limit that needs about half the rated ASIC load
-    /// off, and waits until the site settles under it. Returns the limit, the ASICs off and how
-    /// soon (in seconds) the site meter read under the limit.
-    async fn half_shed(&self, utility: &Client, id: &str) -> (f64, usize, Option<f64>) {
+    /// off, and waits until the site settles under it.
+    async fn half_shed(&self, utility: &Client, id: &str) -> Shed {
         let site_kw = self.sim.meter_kw(self.site_meter).expect("site meter");
         let limit = (site_kw - self.site.asic_rated_kw() / 2.0).max(1.0);
         let t0 = Instant::now();
@@ -547,16 +549,23 @@ impl Scene<'_> {
             .await;
         let (off, confirmed) =
             settle(self.sim, self.site_meter, Some(limit), t0, |off| off > 0).await;
-        (limit, off, confirmed)
+        Shed {
+            at: t0,
+            limit,
+            off,
+            confirmed,
+        }
     }
 
-    /// Releases event `id` and waits until every ASIC is back on.
-    async fn release(&self, utility: &Client, id: &str) {
+    /// Releases event `id` and waits until every ASIC is back on; returns when the release was
+    /// published.
+    async fn release(&self, utility: &Client, id: &str) -> Instant {
         let t = Instant::now();
         utility
             .publish(self.signals, format!(r#"{{"id":"{id}","kind":"release"}}"#))
             .await;
         settle(self.sim, self.site_meter, None, t, |off| off == 0).await;
+        t
     }
 }
 
@@ -577,7 +586,7 @@ async fn dead_pdus(scene: &Scene<'_>, utility: &mut Client, pct: u32) -> Value {
         .iter()
         .map(|p| p.endpoint.timeout.as_secs_f64() * 1000.0)
         .fold(0.0, f64::max);
-    let (_, off, confirmed) = scene.half_shed(utility, "bench-dead").await;
+    let Shed { off, confirmed, .. } = scene.half_shed(utility, "bench-dead").await;
     let confirmed_ms = confirmed.map(|c| c * 1000.0);
     let met = confirmed_ms.is_some_and(|c| c <= 2.0 * timeout_ms);
     println!(
@@ -623,7 +632,7 @@ async fn broker_outage(
 ) -> Value {
     let sim = scene.sim;
     let from = utility.seen.len();
-    let (limit, _, _) = scene.half_shed(utility, "bench-outage").await;
+    let limit = scene.half_shed(utility, "bench-outage").await.limit;
     let active = |a: &Value| a["id"] == "bench-outage" && a["status"] == "active";
     utility
         .wait_from(from, scene.ack, Duration::from_secs(30), active)
