@@ -6,9 +6,9 @@
 use std::hint::black_box;
 use std::path::Path;
 
-use controller::planner::{AsicState, Planner, Snapshot};
-use controller::signal::{Action, Directive, Signal};
-use controller::timeline::Timeline;
+use controller::decide::planner::{AsicState, Planner, Snapshot};
+use controller::decide::signal::{Action, Directive, Signal};
+use controller::decide::timeline::Timeline;
 use criterion::{Criterion, criterion_group, criterion_main};
 use jiff::{SignedDuration, Timestamp};
 use site_config::{SignalFormat, Site};

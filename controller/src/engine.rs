@@ -17,14 +17,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn};
 
+use crate::decide::mv::{self, Measurement, Sample};
+use crate::decide::planner::{AsicState, Plan, Planner, Snapshot};
+use crate::decide::signal::{self, Action, Directive, Signal};
+use crate::decide::timeline::Applied;
+use crate::field::modbus::{Desired, DeviceError, Report};
 use crate::journal::{self, End, Record, Switch};
-use crate::metrics::{Outcome, Telemetry};
-use crate::modbus::{Desired, DeviceError, Report};
-use crate::mv::{self, Measurement, Sample};
-use crate::planner::{AsicState, Plan, Planner, Snapshot};
 use crate::series::{self, keep_recent, round1};
-use crate::signal::{self, Action, Directive, Signal};
-use crate::timeline::Applied;
+use crate::show::metrics::{Outcome, Telemetry};
 
 /// What the transport delivers to the engine.
 #[derive(Debug, Clone)]
@@ -90,7 +90,7 @@ pub struct Status {
     pub load_shed_delta_available_kw: f64,
     pub shortfall_kw: f64,
     /// Why ASICs that are off are not coming back yet (none when nothing is held).
-    pub restore_held: Option<crate::planner::Hold>,
+    pub restore_held: Option<crate::decide::planner::Hold>,
     pub asics_on: usize,
     pub asics_off: usize,
     pub directives: Vec<String>,
@@ -578,7 +578,7 @@ impl Engine {
         let t = Tracked::new(directives, Some(now));
         if t.openadr {
             let available = self.status(now).load_shed_delta_available_kw;
-            let report = crate::openadr::availability(
+            let report = crate::decide::openadr::availability(
                 id,
                 &self.site.id,
                 self.report_resource(),
@@ -616,7 +616,7 @@ impl Engine {
             intervals,
         });
         if t.openadr {
-            let report = crate::openadr::usage(
+            let report = crate::decide::openadr::usage(
                 id,
                 &self.site.id,
                 self.report_resource(),
@@ -632,7 +632,11 @@ impl Engine {
         &self.site.meter(self.site.site_meter).name
     }
 
-    fn publish_report(&self, out: &mpsc::Sender<Outbound>, report: &crate::openadr::ReportRequest) {
+    fn publish_report(
+        &self,
+        out: &mpsc::Sender<Outbound>,
+        report: &crate::decide::openadr::ReportRequest,
+    ) {
         let Some(topic) = &self.site.reporting.report_topic else {
             return;
         };
@@ -1132,7 +1136,7 @@ impl Engine {
             .map(|p| p.endpoint.timeout)
             .max()
             .unwrap_or_default();
-        crate::modbus::Timing::for_site(&self.site).verify_grace + timeout
+        crate::field::modbus::Timing::for_site(&self.site).verify_grace + timeout
     }
 
     /// Journals whether the newest plan's outlets followed it: once all of them are read back

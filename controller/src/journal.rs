@@ -34,11 +34,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{error, warn};
 
-use crate::mv::{Interval, Measurement, Sample};
-use crate::replay::Replay;
+use crate::decide::mv::{Interval, Measurement, Sample};
+use crate::decide::replay::Replay;
+use crate::decide::signal::Signal;
+use crate::decide::timeline::{Applied, Timeline};
 use crate::series::keep_recent;
-use crate::signal::Signal;
-use crate::timeline::{Applied, Timeline};
 
 /// How an event ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -599,7 +599,7 @@ fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signal::{Action, Directive};
+    use crate::decide::signal::{Action, Directive};
     use site_config::SignalFormat;
     use std::time::Duration;
 

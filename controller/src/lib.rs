@@ -21,20 +21,13 @@
 //! - [`metrics`]: counters, histograms and the last hour of readings, for `/metrics` and `/`.
 //! - [`http`]: Prometheus metrics at `/metrics` and the status page at `/`.
 pub mod backoff;
+pub mod decide;
 pub mod engine;
-pub mod http;
+pub mod field;
 pub mod journal;
-pub mod metrics;
-pub mod modbus;
-pub mod mqtt;
-pub mod mv;
-pub mod openadr;
-pub mod planner;
-pub mod replay;
-pub mod report;
 pub mod series;
-pub mod signal;
-pub mod timeline;
+pub mod show;
+pub mod uplink;
 
 use std::sync::Arc;
 
@@ -45,11 +38,11 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
-    Mqtt(#[from] mqtt::MqttError),
+    Mqtt(#[from] uplink::mqtt::MqttError),
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
     #[error(transparent)]
-    Http(#[from] http::HttpError),
+    Http(#[from] show::http::HttpError),
 }
 
 /// What a started controller tells whoever started it.
@@ -82,7 +75,7 @@ pub async fn run_with(
 ) -> Result<(), RunError> {
     let site = Arc::new(site);
     // Fail early on missing credentials or an unusable journal, before anything is started.
-    mqtt::options(&site, 0)?;
+    uplink::mqtt::options(&site, 0)?;
     let (journal, writer, resumed) = match &site.journal {
         Some(config) => {
             let (tx, writer, recovered) = journal::open(config, &site.id, jiff::Timestamp::now())?;
@@ -107,30 +100,30 @@ pub async fn run_with(
             (None, None, journal::Recovered::default())
         }
     };
-    let telemetry = Arc::new(metrics::Telemetry::default());
+    let telemetry = Arc::new(show::metrics::Telemetry::default());
     let listener = match site.http {
-        Some(h) => Some(http::bind(h.listen).await?),
+        Some(h) => Some(show::http::bind(h.listen).await?),
         None => None,
     };
     let cancel = CancellationToken::new();
     let (in_tx, in_rx) = mpsc::channel(1024);
     let (out_tx, out_rx) = mpsc::channel(4096);
     let (report_tx, report_rx) = mpsc::channel(8192);
-    let (desired_tx, desired_rx) = watch::channel(modbus::Desired::default());
+    let (desired_tx, desired_rx) = watch::channel(field::modbus::Desired::default());
 
-    let mut endpoints = modbus::spawn_endpoints(
+    let mut endpoints = field::modbus::spawn_endpoints(
         &site,
-        modbus::Timing::for_site(&site),
+        field::modbus::Timing::for_site(&site),
         desired_rx,
         report_tx,
         &telemetry,
         &cancel,
     );
-    let link = tokio::spawn(mqtt::run(
+    let link = tokio::spawn(uplink::mqtt::run(
         site.clone(),
         in_tx,
         out_rx,
-        mqtt::Backoff::default(),
+        uplink::mqtt::Backoff::default(),
         cancel.clone(),
     ));
     let engine = engine::Engine::new(site.clone(), resumed, journal, telemetry.clone());
@@ -147,7 +140,7 @@ pub async fn run_with(
         if let Some(addr) = http_addr {
             tracing::info!(url = %format!("http://{addr}/"), metrics = %format!("http://{addr}/metrics"), "status page");
         }
-        tokio::spawn(http::serve(l, telemetry.clone(), cancel.clone()))
+        tokio::spawn(show::http::serve(l, telemetry.clone(), cancel.clone()))
     });
     started(Started { http: http_addr });
 

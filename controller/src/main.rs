@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use controller::planner::{Planner, Snapshot};
-use controller::signal::{self, Signal};
-use controller::timeline::Timeline;
+use controller::decide::planner::{Planner, Snapshot};
+use controller::decide::signal::{self, Signal};
+use controller::decide::timeline::Timeline;
 use site_config::{SignalFormat, Site};
 
 /// Grid demand response for mining + AI sites: utility signals in over MQTT, ASIC outlets
@@ -121,7 +121,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             csv,
             event,
         } => {
-            let mut events = controller::report::read(&journal)
+            let mut events = controller::show::report::read(&journal)
                 .with_context(|| format!("reading the journal {}", journal.display()))?;
             if let Some(id) = &event {
                 events.retain(|e| &e.measurement.id == id);
@@ -134,9 +134,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             if csv {
-                print!("{}", controller::report::csv(&events));
+                print!("{}", controller::show::report::csv(&events));
             } else {
-                print!("{}", controller::report::table(&events));
+                print!("{}", controller::show::report::table(&events));
             }
             Ok(())
         }

@@ -93,8 +93,8 @@ fn plan_dry_runs_a_signal_against_rated_power() {
 /// A journal line holding the measurement of event `id`: a 200 kW site asked to shed 50 kW,
 /// which came down to `kw` for 90 s.
 fn measured_line(id: &str, start_s: i64, kw: f64) -> String {
-    use controller::mv::{Meter, Sample, Settings};
-    use controller::signal::{Action, Directive};
+    use controller::decide::mv::{Meter, Sample, Settings};
+    use controller::decide::signal::{Action, Directive};
     let t = |s: i64| jiff::Timestamp::from_second(1_800_000_000 + start_s + s).unwrap();
     let sample = |s: i64, site_kw: f64| Sample {
         at: t(s),

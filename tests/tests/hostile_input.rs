@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use controller::signal::{self, Context};
+use controller::decide::signal::{self, Context};
 use hil::on_both_brokers;
 use hil::rig::{BrokerKind, Rig};
 use site_config::SignalFormat;

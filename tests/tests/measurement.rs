@@ -62,7 +62,7 @@ async fn a_completed_event_is_acked_with_its_measurement_and_journaled_for_the_r
     assert_eq!(m["compliant"], true, "{m:#}");
 
     rig.stop_controller().await;
-    let events = controller::report::read(&journal).expect("journal readable");
+    let events = controller::show::report::read(&journal).expect("journal readable");
     assert_eq!(events.len(), 1, "{events:#?}");
     let journaled = serde_json::to_value(&events[0].measurement).expect("json");
     assert_eq!(
@@ -77,7 +77,7 @@ async fn a_completed_event_is_acked_with_its_measurement_and_journaled_for_the_r
             .iter()
             .all(|i| i.samples >= 5 && i.compliant)
     );
-    let table = controller::report::table(&events);
+    let table = controller::show::report::table(&events);
     assert!(table.contains("mv-1") && table.contains("yes"), "{table}");
 }
 

@@ -169,8 +169,8 @@ async fn main() {
         "\nmeasurement and verification (gridshed report --journal {}):",
         journal.display()
     );
-    match controller::report::read(&journal) {
-        Ok(events) => print!("{}", controller::report::table(&events)),
+    match controller::show::report::read(&journal) {
+        Ok(events) => print!("{}", controller::show::report::table(&events)),
         Err(e) => println!("  cannot read the journal: {e}"),
     }
     println!("\nplot: {}", out.display());

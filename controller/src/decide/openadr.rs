@@ -8,9 +8,9 @@
 use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 
-use crate::mv::EventInterval;
+use crate::decide::mv::EventInterval;
+use crate::decide::signal::Directive;
 use crate::series::round3;
-use crate::signal::Directive;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -171,7 +171,7 @@ pub fn availability(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signal::Action;
+    use crate::decide::signal::Action;
     use serde_json::json;
 
     fn t(s: &str) -> Timestamp {

@@ -25,7 +25,7 @@
 use jiff::{SignedDuration, Timestamp};
 use site_config::{AsicId, Site};
 
-use crate::timeline::Timeline;
+use crate::decide::timeline::Timeline;
 
 /// Power differences below this are noise (kW).
 const EPS_KW: f64 = 1e-6;

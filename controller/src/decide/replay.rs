@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 
-use crate::signal::{MAESTRO_ID, MAX_DURATION, MAX_LEAD, Signal};
+use crate::decide::signal::{MAESTRO_ID, MAX_DURATION, MAX_LEAD, Signal};
 
 /// How long an ended event's id is refused: the longest a signal can stay in force (it may
 /// start [`MAX_LEAD`] ahead and last [`MAX_DURATION`]), so that every replay of it is covered.
@@ -92,7 +92,7 @@ impl Replay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signal::{Action, Directive};
+    use crate::decide::signal::{Action, Directive};
     use site_config::SignalFormat;
 
     fn t(s: &str) -> Timestamp {

@@ -25,7 +25,7 @@ use tokio_modbus::{ExceptionCode, Slave};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::metrics::{Histogram, Telemetry};
+use crate::show::metrics::{Histogram, Telemetry};
 
 /// Why a device is not trusted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -13,11 +13,11 @@ use std::time::Duration;
 use jiff::SignedDuration;
 use serde::Serialize;
 
+use crate::decide::mv::Sample;
+use crate::decide::signal::Directive;
 use crate::engine::Status;
 use crate::journal::End;
-use crate::mv::Sample;
 use crate::series::{keep_recent, round1};
-use crate::signal::Directive;
 
 /// How far back the status page's chart reaches.
 pub const HISTORY: SignedDuration = SignedDuration::from_hours(1);

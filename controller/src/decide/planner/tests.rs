@@ -1,5 +1,5 @@
 use super::*;
-use crate::signal::{Action, Directive, Signal};
+use crate::decide::signal::{Action, Directive, Signal};
 use proptest::prelude::*;
 use site_config::SignalFormat;
 use std::time::Duration;

@@ -26,8 +26,8 @@ use std::collections::BTreeMap;
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 
+use crate::decide::signal::{Action, Directive};
 use crate::series::{round1, round3};
-use crate::signal::{Action, Directive};
 
 /// One reading of the site, as the engine saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader};
 use std::path::Path;
 
+use crate::decide::mv::{Interval, Measurement};
 use crate::journal::{self, Record};
-use crate::mv::{Interval, Measurement};
 
 /// One event as the journal holds it.
 #[derive(Debug, Clone, PartialEq)]
@@ -159,8 +159,8 @@ fn csv_field(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mv::{Meter, Sample, Settings};
-    use crate::signal::{Action, Directive};
+    use crate::decide::mv::{Meter, Sample, Settings};
+    use crate::decide::signal::{Action, Directive};
     use jiff::{SignedDuration, Timestamp};
 
     fn measured(id: &str) -> Measured {

@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::metrics::Telemetry;
+use crate::show::metrics::Telemetry;
 
 const MAX_HEAD: usize = 8 * 1024;
 const DEADLINE: Duration = Duration::from_secs(5);
