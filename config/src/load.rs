@@ -313,6 +313,8 @@ struct SimSection {
     noise_pct: f64,
     boot_ramp_s: f64,
     base_load_kw: f64,
+    other_swing_kw: f64,
+    other_period_s: f64,
     frequency_hz: f64,
     seed: u64,
     gpu: Vec<GpuSimDecl>,
@@ -327,6 +329,8 @@ impl Default for SimSection {
             noise_pct: 0.0,
             boot_ramp_s: 0.0,
             base_load_kw: 0.0,
+            other_swing_kw: 0.0,
+            other_period_s: 2.0,
             frequency_hz: 60.0,
             seed: 1,
             gpu: Vec::new(),
@@ -372,6 +376,9 @@ struct FaultFields {
     disconnect: bool,
     #[serde(default)]
     stuck_outlets: Vec<u16>,
+    write_exception: Option<u8>,
+    #[serde(default)]
+    frozen: bool,
     #[serde(flatten)]
     unknown: HashMap<String, toml::Value>,
 }
@@ -1327,6 +1334,14 @@ impl Resolver<'_> {
         self.range("sim.noise_pct", raw.noise_pct, 0.0, 50.0);
         let boot_ramp = self.seconds("sim.boot_ramp_s", raw.boot_ramp_s, 3600.0);
         self.kw("sim.base_load_kw", raw.base_load_kw, true);
+        self.kw("sim.other_swing_kw", raw.other_swing_kw, true);
+        if raw.other_swing_kw > raw.base_load_kw {
+            self.p.push(
+                "sim.other_swing_kw",
+                "must not exceed base_load_kw (the load cannot draw negative power)",
+            );
+        }
+        let other_period_ok = self.range("sim.other_period_s", raw.other_period_s, 0.1, 3600.0);
         self.range("sim.frequency_hz", raw.frequency_hz, 40.0, 70.0);
 
         // Racks not named in [[sim.gpu]] draw a steady half of their rating.
@@ -1394,13 +1409,22 @@ impl Resolver<'_> {
                 continue;
             };
             let x = &f.faults;
-            if let Some(code) = x.exception
-                && !matches!(code, 1..=6 | 8 | 10 | 11)
-            {
-                self.p.push(
-                    format!("{at}.exception"),
-                    format!("{code} is not a Modbus exception code"),
-                );
+            for (key, code) in [
+                ("exception", x.exception),
+                ("write_exception", x.write_exception),
+            ] {
+                if let Some(code) = code
+                    && !matches!(code, 1..=6 | 8 | 10 | 11)
+                {
+                    self.p.push(
+                        format!("{at}.{key}"),
+                        format!("{code} is not a Modbus exception code"),
+                    );
+                }
+            }
+            if x.frozen && matches!(device, DeviceId::Pdu(_)) {
+                self.p
+                    .push(format!("{at}.frozen"), "applies to meters only");
             }
             if x.latency_ms > 60_000 {
                 self.p
@@ -1424,6 +1448,8 @@ impl Resolver<'_> {
                     exception: x.exception,
                     disconnect: x.disconnect,
                     stuck_outlets: x.stuck_outlets.clone(),
+                    write_exception: x.write_exception,
+                    frozen: x.frozen,
                 },
             ));
         }
@@ -1434,6 +1460,12 @@ impl Resolver<'_> {
             noise_pct: raw.noise_pct,
             boot_ramp,
             base_load_kw: raw.base_load_kw,
+            other_swing_kw: raw.other_swing_kw,
+            other_period: if other_period_ok {
+                Duration::from_secs_f64(raw.other_period_s)
+            } else {
+                Duration::from_secs(2)
+            },
             frequency_hz: raw.frequency_hz,
             seed: raw.seed,
             gpu,

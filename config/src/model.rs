@@ -264,8 +264,13 @@ pub struct Sim {
     pub noise_pct: f64,
     /// An ASIC's power ramps from 0 to rated over this long after its outlet turns on.
     pub boot_ramp: Duration,
-    /// Load the site meter sees beyond ASICs and GPU racks (cooling, offices).
+    /// Load the site meter sees beyond ASICs and GPU racks (cooling, offices, racks nobody
+    /// meters).
     pub base_load_kw: f64,
+    /// That load swings by this much around `base_load_kw` (GPU racks behind no meter of their
+    /// own train too): `base + swing * sin(2π t / other_period)`.
+    pub other_swing_kw: f64,
+    pub other_period: Duration,
     pub frequency_hz: f64,
     pub seed: u64,
     /// One entry per GPU rack, in the order of [`Site::gpu_racks`].
@@ -299,6 +304,12 @@ pub struct Faults {
     /// These outlets (1-based) acknowledge writes but their relays never move.
     #[serde(default)]
     pub stuck_outlets: Vec<u16>,
+    /// Writes (only) are answered with this Modbus exception code; reads are answered as usual
+    /// (a PDU whose firmware refuses the off value, say).
+    pub write_exception: Option<u8>,
+    /// A meter keeps answering with the value it had when this was set (a stuck register).
+    #[serde(default)]
+    pub frozen: bool,
 }
 
 impl Site {

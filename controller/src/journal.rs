@@ -22,7 +22,6 @@
 //! A crash may cut the last line short; such a line (no newline) is ignored on reading and cut
 //! off before writing resumes. Other unreadable lines are counted and skipped, never fatal.
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -30,166 +29,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use jiff::Timestamp;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{error, warn};
 
-use crate::decide::mv::{Interval, Measurement, Sample};
-use crate::decide::replay::Replay;
-use crate::decide::signal::Signal;
-use crate::decide::timeline::{Applied, Timeline};
+use crate::decide::mv::Sample;
+pub use crate::decide::state::{End, Record, State, Switch};
 use crate::series::keep_recent;
-
-/// How an event ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum End {
-    /// The utility released or deleted it.
-    Released,
-    /// Its last directive ran out.
-    Expired,
-    /// The controller's stale-signal policy ended it (the utility may re-assert it).
-    Stale,
-}
-
-/// One line of the journal.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "record", rename_all = "snake_case")]
-pub enum Record {
-    /// The state to resume from: begins every run and every rotated file.
-    Checkpoint {
-        at: Timestamp,
-        site: String,
-        state: State,
-    },
-    /// A signal taken: from the utility on `topic`, or the stale-signal policy's (no topic).
-    Accepted {
-        at: Timestamp,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        topic: Option<String>,
-        /// The sender's own time for the signal, where its format gives one (maestro).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        sent_at: Option<Timestamp>,
-        signal: Signal,
-    },
-    /// An event ended, with the site as measured then.
-    Completed {
-        at: Timestamp,
-        id: String,
-        end: End,
-        site_kw: Option<f64>,
-        asic_kw: Option<f64>,
-    },
-    /// A plan that switched outlets (by PDU name, outlet numbers), and why.
-    Plan {
-        at: Timestamp,
-        generation: u64,
-        limit_kw: f64,
-        budget_kw: f64,
-        shortfall_kw: f64,
-        directives: Vec<String>,
-        off: BTreeMap<String, Vec<u16>>,
-        on: BTreeMap<String, Vec<u16>>,
-    },
-    /// Every outlet the plan switched was read back in its new state.
-    Confirmed {
-        at: Timestamp,
-        generation: u64,
-        after_ms: u64,
-    },
-    /// These outlets of the plan were not seen to follow it in time.
-    Unconfirmed {
-        at: Timestamp,
-        generation: u64,
-        outlets: BTreeMap<String, Vec<u16>>,
-    },
-    /// A device stopped answering, answered wrongly, or its relays disagree.
-    Fault {
-        at: Timestamp,
-        device: String,
-        reason: String,
-    },
-    /// A faulted device answers properly again.
-    Recovered { at: Timestamp, device: String },
-    /// The meters, at the journal's meter interval.
-    Meters {
-        at: Timestamp,
-        site_kw: Option<f64>,
-        asic_kw: Option<f64>,
-        gpu_kw: Option<f64>,
-        limit_kw: f64,
-        shed_kw: f64,
-    },
-    /// Records lost because the disk fell behind (the queue was full).
-    Gap { at: Timestamp, lost: u64 },
-    /// An event as measured, written when it completes: its baseline, reduction and
-    /// compliance, and every 1- and 15-minute interval (`gridshed report` prints these).
-    Measured {
-        at: Timestamp,
-        measurement: Measurement,
-        intervals: Vec<Interval>,
-    },
-}
-
-/// The last switch gridshed made on an outlet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Switch {
-    pub on: bool,
-    pub at: Timestamp,
-}
-
-/// What a restart needs: built by applying records in order.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct State {
-    pub timeline: Timeline,
-    pub replay: Replay,
-    /// PDU name → outlet → the last switch gridshed made there.
-    pub switched: BTreeMap<String, BTreeMap<u16, Switch>>,
-}
-
-impl State {
-    /// Applies one record; what it did to the timeline.
-    pub fn apply(&mut self, record: &Record) -> Applied {
-        match record {
-            Record::Checkpoint { state, .. } => {
-                *self = state.clone();
-                Applied::Unchanged
-            }
-            Record::Accepted {
-                signal, sent_at, ..
-            } => {
-                self.replay.taken(*sent_at);
-                self.timeline.apply(signal)
-            }
-            Record::Completed { at, id, end, .. } => {
-                if *end != End::Stale {
-                    self.replay.ended(id, *at);
-                }
-                self.timeline.apply(&Signal::Release {
-                    id: Some(id.clone()),
-                })
-            }
-            Record::Plan { at, off, on, .. } => {
-                for (outlets, state) in [(off, false), (on, true)] {
-                    for (pdu, numbers) in outlets {
-                        let entry = self.switched.entry(pdu.clone()).or_default();
-                        for n in numbers {
-                            entry.insert(*n, Switch { on: state, at: *at });
-                        }
-                    }
-                }
-                Applied::Unchanged
-            }
-            Record::Confirmed { .. }
-            | Record::Unconfirmed { .. }
-            | Record::Fault { .. }
-            | Record::Recovered { .. }
-            | Record::Meters { .. }
-            | Record::Gap { .. }
-            | Record::Measured { .. } => Applied::Unchanged,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 #[error("journal {}: cannot {what}: {source}", path.display())]
@@ -217,29 +62,6 @@ pub struct Recovered {
 /// How far back from its newest reading recovery keeps the meters.
 pub const SAMPLES_KEPT: jiff::SignedDuration = jiff::SignedDuration::from_hours(2);
 
-impl Record {
-    /// The reading a `meters` record holds.
-    pub fn sample(&self) -> Option<Sample> {
-        match *self {
-            Record::Meters {
-                at,
-                site_kw,
-                asic_kw,
-                gpu_kw,
-                limit_kw,
-                ..
-            } => Some(Sample {
-                at,
-                site_kw,
-                asic_kw,
-                gpu_kw,
-                limit_kw,
-            }),
-            _ => None,
-        }
-    }
-}
-
 /// Reads a journal file: its records applied in order onto an empty state. Never fails on
 /// content; only on I/O.
 pub fn read(path: &Path) -> io::Result<Recovered> {
@@ -249,7 +71,16 @@ pub fn read(path: &Path) -> io::Result<Recovered> {
 
 /// Like [`read`], with the length of the file up to its last complete line.
 fn read_with_length(path: &Path) -> io::Result<(Recovered, u64)> {
-    let mut reader = BufReader::new(File::open(path)?);
+    recover(
+        BufReader::new(File::open(path)?),
+        &path.display().to_string(),
+    )
+}
+
+/// Reads a journal's lines from `reader` (named `name` in warnings) and applies them in order
+/// onto an empty state; with the length up to its last complete line. What a restart does,
+/// for a file or for a deterministic simulation's journal in memory.
+pub fn recover(mut reader: impl BufRead, name: &str) -> io::Result<(Recovered, u64)> {
     let mut out = Recovered::default();
     let mut samples = std::collections::VecDeque::new();
     let mut line = Vec::new();
@@ -278,7 +109,7 @@ fn read_with_length(path: &Path) -> io::Result<(Recovered, u64)> {
             }
             Err(e) => {
                 if out.skipped < 5 {
-                    warn!(file = %path.display(), line = number, error = %e, "journal line unreadable; skipped");
+                    warn!(file = %name, line = number, error = %e, "journal line unreadable; skipped");
                 }
                 out.skipped += 1;
             }
@@ -449,14 +280,14 @@ pub fn open(
 }
 
 /// Appends `record` to `buf` as one line.
-fn line(buf: &mut Vec<u8>, record: &Record) {
+pub fn line(buf: &mut Vec<u8>, record: &Record) {
     // Records hold plain data (finite numbers, strings): serialising cannot fail.
     if serde_json::to_writer(&mut *buf, record).is_ok() {
         buf.push(b'\n');
     }
 }
 
-fn checkpoint(site: &str, at: Timestamp, state: &State) -> Record {
+pub fn checkpoint(site: &str, at: Timestamp, state: &State) -> Record {
     Record::Checkpoint {
         at,
         site: site.to_owned(),
@@ -599,8 +430,9 @@ fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decide::signal::{Action, Directive};
+    use crate::decide::signal::{Action, Directive, Signal};
     use site_config::SignalFormat;
+    use std::collections::BTreeMap;
     use std::time::Duration;
 
     fn dir(name: &str) -> PathBuf {

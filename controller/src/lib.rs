@@ -1,31 +1,31 @@
 //! `controller`: the gridshed edge controller.
 //!
-//! Deciding:
-//! - [`signal`]: utility signals (native, OpenADR 3.1, maestro) parsed into directives, purely.
-//! - [`timeline`]: the directives in force over time, resolved by priority and restriction.
-//! - [`replay`]: refuses signals that would bring back an event that has ended.
-//! - [`planner`]: `plan(site, snapshot, timeline, now) -> Plan`, pure and deterministic.
-//! - [`engine`]: the control loop (sense → plan → actuate), acknowledgements and status.
+//! One cycle, sense → decide → act, with the deciding kept pure:
 //!
-//! Talking to the world:
-//! - [`mqtt`]: the broker link (rumqttc): persistent session, backoff, last will.
-//! - [`modbus`]: one task per Modbus endpoint: polls readings, writes batched setpoints.
-//! - [`backoff`]: exponential backoff with jitter, shared by the broker and Modbus links.
-//! - [`journal`]: the append-only record of signals, plans and readings; what a restart resumes.
+//! ```text
+//!   sense                          decide (pure)                 act
+//!   field::modbus reads ──Reading──▶                ──Orders──▶ field::modbus writes
+//!   uplink::mqtt signals ─Inbound──▶ decide::core  ──Ack, Status──▶ uplink::mqtt
+//!                                  (via shell)     ──Record──▶ journal
+//! ```
 //!
-//! Measuring and showing:
-//! - [`mv`]: measurement and verification: baseline, reduction and compliance of each event.
-//! - [`openadr`]: OpenADR 3.1 reports sent upstream (usage, demand, load shed available).
-//! - [`series`]: forgetting old readings, rounding what is shown.
-//! - [`report`]: `gridshed report`: measured events from a journal, as a table and as CSV.
-//! - [`metrics`]: counters, histograms and the last hour of readings, for `/metrics` and `/`.
-//! - [`http`]: Prometheus metrics at `/metrics` and the status page at `/`.
+//! - [`decide`]: the control core and what it decides with: signals, timeline, replay
+//!   protection, device health, outlet tracking and write verification, load estimates, the
+//!   planner, measurement. No I/O, no tokio, no clock.
+//! - [`shell`]: the async loop around the core: the clock, the channels, applying effects.
+//! - [`field`]: Modbus: the request codec ([`field::protocol`], pure) and one task per endpoint.
+//! - [`uplink`]: the broker link (rumqttc): persistent session, backoff, last will.
+//! - [`journal`]: the append-only record on disk; what a restart resumes.
+//! - [`show`]: metrics, the status page, and `gridshed report`.
+//! - [`msg`]: the messages these parts exchange (a leaf: it depends on none of them).
+//! - [`backoff`], [`series`]: small helpers.
 pub mod backoff;
 pub mod decide;
-pub mod engine;
 pub mod field;
 pub mod journal;
+pub mod msg;
 pub mod series;
+pub mod shell;
 pub mod show;
 pub mod uplink;
 
@@ -108,14 +108,14 @@ pub async fn run_with(
     let cancel = CancellationToken::new();
     let (in_tx, in_rx) = mpsc::channel(1024);
     let (out_tx, out_rx) = mpsc::channel(4096);
-    let (report_tx, report_rx) = mpsc::channel(8192);
-    let (desired_tx, desired_rx) = watch::channel(field::modbus::Desired::default());
+    let (reading_tx, reading_rx) = mpsc::channel(8192);
+    let (orders_tx, orders_rx) = watch::channel(msg::Orders::default());
 
     let mut endpoints = field::modbus::spawn_endpoints(
         &site,
         field::modbus::Timing::for_site(&site),
-        desired_rx,
-        report_tx,
+        orders_rx,
+        reading_tx,
         &telemetry,
         &cancel,
     );
@@ -126,14 +126,24 @@ pub async fn run_with(
         uplink::mqtt::Backoff::default(),
         cancel.clone(),
     ));
-    let engine = engine::Engine::new(site.clone(), resumed, journal, telemetry.clone());
-    let io = engine::Io {
+    let clock = shell::Clock::start();
+    telemetry.seed(&resumed.samples);
+    let core = decide::core::Core::new(site.clone(), resumed.state, resumed.samples, clock.now());
+    let io = shell::Io {
         inbound: in_rx,
         outbound: out_tx,
-        reports: report_rx,
-        desired: desired_tx,
+        readings: reading_rx,
+        orders: orders_tx,
     };
-    let engine = tokio::spawn(engine.run(io, cancel.clone()));
+    let engine = tokio::spawn(shell::run(
+        core,
+        site.clone(),
+        io,
+        journal,
+        telemetry.clone(),
+        clock,
+        cancel.clone(),
+    ));
     let mut http_addr = None;
     let server = listener.map(|l| {
         http_addr = l.local_addr().ok();

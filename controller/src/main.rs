@@ -246,8 +246,12 @@ fn dry_run(site: &Site, format: SignalFormat, bytes: &[u8]) -> anyhow::Result<St
     };
     let mut timeline = Timeline::new();
     timeline.apply(&sig);
-    let snap = Snapshot::all_on(site);
-    let plan = Planner::new(site).plan(site, &snap, &timeline, at);
+    let snap = Snapshot::all_on(site, site.gpu_rated_kw());
+    let now = controller::decide::time::Now {
+        wall: at,
+        mono: controller::decide::time::Mono::ZERO,
+    };
+    let plan = Planner::new(site).plan(site, &snap, &timeline, now);
     let mut out =
         format!("signal: {sig:?}\nplanned at {at} (GPU racks at rated power, no other load)\n");
     let mut by_pdu: BTreeMap<u32, Vec<u16>> = BTreeMap::new();
@@ -267,10 +271,10 @@ fn dry_run(site: &Site, format: SignalFormat, bytes: &[u8]) -> anyhow::Result<St
     }
     let off = by_pdu.values().map(Vec::len).sum::<usize>();
     out += &format!(
-        "{off} of {} ASICs off ({off_kw:.1} kW); ASICs {:.1} kW, GPU {:.1} kW; limit {:.1} kW, budget for ASICs {:.1} kW",
+        "{off} of {} ASICs off ({off_kw:.1} kW); ASICs {:.1} kW, rest of the site {:.1} kW; limit {:.1} kW, budget for ASICs {:.1} kW",
         site.asics.len(),
         plan.planned_asic_kw,
-        plan.gpu_peak_kw,
+        plan.rest_kw,
         plan.limit_kw,
         plan.budget_kw
     );

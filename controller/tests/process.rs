@@ -215,7 +215,46 @@ async fn sim_and_site_with(broker: &Broker, extra: &str) -> (Sim, PathBuf) {
     panic!("no free port range for the simulator");
 }
 
-async fn start_gridshed(site: &PathBuf, utility: &mut Client) -> std::process::Child {
+/// A `gridshed` child process that is killed when dropped: a test that fails half-way must
+/// not leave a controller running, which would go on switching whatever simulator binds its
+/// ports next (another test's).
+struct Gridshed(Option<std::process::Child>);
+
+impl Gridshed {
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, std::process::Child::id)
+    }
+
+    fn kill(&mut self) -> std::io::Result<()> {
+        match &mut self.0 {
+            Some(c) => c.kill(),
+            None => Ok(()),
+        }
+    }
+
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match &mut self.0 {
+            Some(c) => c.wait(),
+            None => Err(std::io::Error::other("already waited for")),
+        }
+    }
+
+    /// The child, no longer killed on drop (the caller waits for it).
+    fn take(mut self) -> std::process::Child {
+        self.0.take().expect("a child")
+    }
+}
+
+impl Drop for Gridshed {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn start_gridshed(site: &PathBuf, utility: &mut Client) -> Gridshed {
     start_gridshed_logging(site, utility, None, &[]).await
 }
 
@@ -226,7 +265,7 @@ async fn start_gridshed_logging(
     utility: &mut Client,
     log: Option<&PathBuf>,
     env: &[(&str, &str)],
-) -> std::process::Child {
+) -> Gridshed {
     let stderr = match log {
         Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
         None => Stdio::null(),
@@ -241,6 +280,7 @@ async fn start_gridshed_logging(
         .stderr(stderr)
         .spawn()
         .unwrap();
+    let child = Gridshed(Some(child));
     utility.drain();
     let from = utility.seen.len();
     utility
@@ -253,7 +293,7 @@ async fn start_gridshed_logging(
 
 /// Stops a child with SIGTERM and waits for it.
 /// Sends `signal` (a name, e.g. "STOP") to `child`.
-fn kill(child: &std::process::Child, signal: &str) {
+fn kill(child: &Gridshed, signal: &str) {
     let sent = Command::new("kill")
         .args([&format!("-{signal}"), &child.id().to_string()])
         .status();
@@ -281,11 +321,11 @@ async fn subscribed_again(utility: &mut Client, topic: &str) {
     }
 }
 
-async fn terminate(child: std::process::Child) {
+async fn terminate(child: Gridshed) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let mut child = child;
+    let mut child = child.take();
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
 }
 
@@ -295,7 +335,7 @@ async fn sigterm_stops_gracefully_and_leaves_the_outlets_as_they_are() {
     let (sim, site) = sim_and_site(&broker).await;
     let mut utility =
         Client::connect(broker.port(), &["sites/demo/status", "sites/demo/ack"]).await;
-    let mut child = start_gridshed(&site, &mut utility).await;
+    let child = start_gridshed(&site, &mut utility).await;
     utility
         .publish("sites/demo/signals", r#"{"id":"t","kind":"shed","kw":20}"#)
         .await;
@@ -322,6 +362,7 @@ async fn sigterm_stops_gracefully_and_leaves_the_outlets_as_they_are() {
         .status()
         .unwrap();
     assert!(ok.success());
+    let mut child = child.take();
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
@@ -593,7 +634,9 @@ async fn a_broker_outage_holds_the_shed_and_reconnects_without_a_log_flood(broke
     utility
         .publish("sites/demo/signals", r#"{"id":"evt-out","kind":"release"}"#)
         .await;
-    until(20 * SECOND, "ASICs restored after the release", || {
+    // Restores wait until the controller's estimate of the site spans a whole window
+    // (small.toml: 30 s) from its start.
+    until(40 * SECOND, "ASICs restored after the release", || {
         sim.asic_relays_off() < asics
     })
     .await;

@@ -19,8 +19,9 @@ use tokio_modbus::server::tcp::Server;
 use tokio_modbus::{ExceptionCode, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
 
-use crate::device::{Load, MeterDevice, MeterRole, PduDevice, Physics};
+use crate::device::Load;
 use crate::handler::{self, Device};
+use crate::plant::{self, Answer, SitePhysics, stuck_mask};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
@@ -85,6 +86,8 @@ pub(crate) struct SimDevice {
     requests: AtomicU64,
     /// When the last write was answered successfully (for latency measurements).
     last_write: Mutex<Option<Instant>>,
+    /// What a frozen meter keeps answering from: its state when it froze.
+    frozen: Mutex<Option<Device>>,
 }
 
 impl SimDevice {
@@ -98,6 +101,12 @@ impl SimDevice {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Freezes (a copy of the device as it is now answers from then on) or thaws it.
+    fn freeze(&self, frozen: bool) {
+        let snapshot = frozen.then(|| self.state().clone());
+        *self.frozen.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
     }
 }
 
@@ -122,8 +131,13 @@ impl Sim {
     pub async fn start(site: &Site, options: SimOptions) -> Result<Sim, SimError> {
         let devices = build_devices(site)?;
         // Meters read true values from the first request on.
-        let mut plant = Plant::new(site);
-        plant.advance(&devices, 0.0);
+        let mut plant = SitePhysics::new(site);
+        plant.advance(devices.len(), |i| devices[i].state(), 0.0);
+        for d in &devices {
+            if d.faults().frozen {
+                d.freeze(true);
+            }
+        }
         let mut site = site.clone();
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -218,6 +232,7 @@ impl Sim {
         if let Device::Pdu(pdu) = &mut *d.state() {
             pdu.set_stuck(stuck_mask(&faults.stuck_outlets));
         }
+        d.freeze(faults.frozen);
         *d.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
         Ok(())
     }
@@ -229,6 +244,7 @@ impl Sim {
                 pdu.set_stuck(0);
             }
             *d.faults.lock().unwrap_or_else(|e| e.into_inner()) = Faults::default();
+            d.freeze(false);
         }
     }
 
@@ -366,157 +382,31 @@ fn set_port(site: &mut Site, id: DeviceId, port: u16) {
     }
 }
 
-fn stuck_mask(outlets: &[u16]) -> u64 {
-    outlets
-        .iter()
-        .filter(|o| (1..=64).contains(*o))
-        .fold(0, |m, o| m | 1u64 << (o - 1))
-}
-
-/// Builds every device of the site in [`Site::devices`] order.
+/// Builds every device of the site in [`Site::devices`] order, each with its faults and
+/// counters.
 fn build_devices(site: &Site) -> Result<Vec<Arc<SimDevice>>, SimError> {
-    let sim = &site.sim;
-    let physics = Physics {
-        relay_delay_s: sim.relay_delay.as_secs_f64(),
-        sequence_step_s: sim.sequence_step.map(|d| d.as_secs_f64()),
-        boot_ramp_s: sim.boot_ramp.as_secs_f64(),
-        noise: sim.noise_pct / 100.0,
-    };
-    let mut loads: Vec<Vec<Load>> = site
-        .pdus
-        .iter()
-        .map(|p| vec![Load::Empty; usize::from(p.outlets)])
-        .collect();
-    for a in &site.asics {
-        if let Some(slot) = loads[a.pdu.0 as usize].get_mut(usize::from(a.outlet) - 1) {
-            *slot = Load::Asic { rated_w: a.rated_w };
-        }
-    }
-    for (r, rack) in site.gpu_racks.iter().enumerate() {
-        let feeds = rack.feeds.len() as u16;
-        for &(pdu, outlet) in &rack.feeds {
-            if let Some(slot) = loads[pdu.0 as usize].get_mut(usize::from(outlet) - 1) {
-                *slot = Load::GpuFeed {
-                    rack: r as u16,
-                    feeds,
-                };
-            }
-        }
-    }
-    let mut out = Vec::new();
-    for id in site.devices() {
-        let seed = sim
-            .seed
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .wrapping_add(out.len() as u64);
-        let faults = sim
-            .faults
-            .iter()
-            .find(|(d, _)| *d == id)
-            .map(|(_, f)| f.clone())
-            .unwrap_or_default();
-        let (state, endpoint) = match id {
-            DeviceId::Pdu(p) => {
-                let pdu = site.pdu(p);
-                let mut dev =
-                    PduDevice::new(pdu.profile.clone(), &loads[p.0 as usize], physics, seed)
-                        .map_err(|e| SimError::Device {
-                            device: pdu.name.clone(),
-                            reason: e.to_string(),
-                        })?;
-                dev.set_stuck(stuck_mask(&faults.stuck_outlets));
-                (Device::Pdu(dev), &pdu.endpoint)
-            }
-            DeviceId::Meter(m) => {
-                let meter = site.meter(m);
-                let role = if m == site.site_meter {
-                    MeterRole::Site
-                } else if let Some(r) = site.gpu_racks.iter().position(|g| g.meter == m) {
-                    MeterRole::GpuRack(sim.gpu[r])
-                } else {
-                    MeterRole::Idle
-                };
-                let dev = MeterDevice::new(
-                    meter.profile.clone(),
-                    role,
-                    sim.frequency_hz,
-                    physics.noise,
-                    seed,
-                );
-                (Device::Meter(dev), &meter.endpoint)
-            }
-        };
-        out.push(Arc::new(SimDevice {
-            name: site.device_name(id).to_owned(),
-            unit_id: endpoint.unit_id,
-            state: Mutex::new(state),
-            faults: Mutex::new(faults),
-            writes: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
-            last_write: Mutex::new(None),
-        }));
-    }
-    Ok(out)
-}
-
-/// The site's physics: which devices are GPU rack meters and which is the site meter.
-struct Plant {
-    pdus: usize,
-    rack_meters: Vec<usize>,
-    site_meter: usize,
-    base_kw: f64,
-    gpu_kw: Vec<f64>,
-}
-
-impl Plant {
-    fn new(site: &Site) -> Self {
-        let pdus = site.pdus.len();
-        Plant {
-            pdus,
-            rack_meters: site
-                .gpu_racks
-                .iter()
-                .map(|g| pdus + g.meter.0 as usize)
-                .collect(),
-            site_meter: pdus + site.site_meter.0 as usize,
-            base_kw: site.sim.base_load_kw,
-            gpu_kw: vec![0.0; site.gpu_racks.len()],
-        }
-    }
-
-    /// Advances every device by `dt` seconds: GPU racks first, then the PDUs whose outlets feed
-    /// them, then the site meter, which sees the sum of everything.
-    fn advance(&mut self, devices: &[Arc<SimDevice>], dt: f64) {
-        for (r, &i) in self.rack_meters.iter().enumerate() {
-            if let Device::Meter(m) = &mut *devices[i].state() {
-                m.step(dt);
-                self.gpu_kw[r] = m.power_kw();
-            }
-        }
-        let mut asic_w = 0.0;
-        for d in devices.iter().take(self.pdus) {
-            if let Device::Pdu(p) = &mut *d.state() {
-                p.step(dt, &self.gpu_kw);
-                asic_w += p.asic_w();
-            }
-        }
-        let total_kw = asic_w / 1000.0 + self.gpu_kw.iter().sum::<f64>() + self.base_kw;
-        for (i, d) in devices.iter().enumerate().skip(self.pdus) {
-            if let Device::Meter(m) = &mut *d.state() {
-                if i == self.site_meter {
-                    m.set_measured_kw(total_kw);
-                }
-                if !matches!(m.role, MeterRole::GpuRack(_)) {
-                    m.step(dt);
-                }
-            }
-        }
-    }
+    let devices = plant::devices(site)?;
+    Ok(site
+        .devices()
+        .zip(devices)
+        .map(|(id, state)| {
+            Arc::new(SimDevice {
+                name: site.device_name(id).to_owned(),
+                unit_id: site.device_endpoint(id).unit_id,
+                state: Mutex::new(state),
+                faults: Mutex::new(plant::faults_of(site, id)),
+                writes: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
+                last_write: Mutex::new(None),
+                frozen: Mutex::new(None),
+            })
+        })
+        .collect())
 }
 
 /// Advances the plant every tick until cancelled.
 async fn physics(
-    mut plant: Plant,
+    mut plant: SitePhysics,
     devices: Arc<Vec<Arc<SimDevice>>>,
     tick: Duration,
     cancel: CancellationToken,
@@ -531,7 +421,11 @@ async fn physics(
             _ = interval.tick() => {}
         }
         let now = Instant::now();
-        plant.advance(&devices, (now - last).as_secs_f64());
+        plant.advance(
+            devices.len(),
+            |i| devices[i].state(),
+            (now - last).as_secs_f64(),
+        );
         last = now;
     }
 }
@@ -569,13 +463,13 @@ struct EndpointService {
     dropped: Arc<AtomicBool>,
 }
 
-type Answer = Result<Option<Response>, ExceptionCode>;
+type Served = Result<Option<Response>, ExceptionCode>;
 
 impl tokio_modbus::server::Service for EndpointService {
     type Request = SlaveRequest<'static>;
     type Response = Option<Response>;
     type Exception = ExceptionCode;
-    type Future = Pin<Box<dyn Future<Output = Answer> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Served> + Send>>;
 
     fn call(&self, req: Self::Request) -> Self::Future {
         let device = self
@@ -601,21 +495,27 @@ impl tokio_modbus::server::Service for EndpointService {
             if faults.latency_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(u64::from(faults.latency_ms))).await;
             }
-            if faults.disconnect {
-                dropped.store(true, Ordering::Relaxed);
-                return Ok(None);
+            let frozen = device
+                .frozen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let answer = plant::answer(&mut device.state(), frozen.as_ref(), &faults, &req.request);
+            match answer {
+                Answer::Disconnect => {
+                    dropped.store(true, Ordering::Relaxed);
+                    Ok(None)
+                }
+                Answer::NoReply => Ok(None),
+                Answer::Exception(code) => Err(code),
+                Answer::Response(r) => {
+                    if handler::is_write(&req.request) {
+                        *device.last_write.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(Instant::now());
+                    }
+                    Ok(Some(r))
+                }
             }
-            if faults.no_reply {
-                return Ok(None);
-            }
-            if let Some(code) = faults.exception {
-                return Err(ExceptionCode::new(code));
-            }
-            let answer = handler::handle(&mut device.state(), &req.request).map(Some);
-            if answer.is_ok() && handler::is_write(&req.request) {
-                *device.last_write.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-            }
-            answer
         })
     }
 }

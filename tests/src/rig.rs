@@ -162,13 +162,14 @@ impl Drop for Client {
 }
 
 /// Policy timings sized for tests: half-second minimum on/off times, batches of 8 every 0.3 s,
-/// and a 6 s GPU window (so estimates are warm 3 s after start-up).
+/// and a 12 s window: the shortest that covers small.toml's GPU swings (0.7 s and 1.5 s
+/// periods crest together every 10.5 s), so estimates are warm 12 s after start-up.
 pub fn fast_policy(site: &mut Site) {
     site.policy.min_off = Duration::from_millis(500);
     site.policy.min_on = Duration::from_millis(500);
     site.policy.restore_interval = Duration::from_millis(300);
     site.policy.restore_batch_size = 8;
-    site.policy.gpu_peak_window = Duration::from_secs(6);
+    site.policy.gpu_peak_window = Duration::from_secs(12);
 }
 
 /// Fetches `path` from the controller's HTTP endpoint: (status code, body).

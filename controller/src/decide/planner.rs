@@ -5,59 +5,61 @@
 //! repeated cycle does no harm. A plan can only name ASICs (it is indexed by [`AsicId`]):
 //! there is no way to express a command for a GPU rack.
 //!
-//! The ASIC budget under an import limit leaves room for the GPU racks' peak over a recent
-//! window, so AI-training swings neither break the limit nor make ASICs chatter:
+//! The ASIC budget under an import limit leaves room for the peak, over a recent window, of
+//! everything on the site that is not an ASIC, so AI-training swings (metered or not) neither
+//! break the limit nor make ASICs chatter:
 //!
 //! ```text
 //!   limit ─────────────────────────────────────────────  }
 //!   margin                                                } budget for ASICs =
-//!   other load (site meter − ASICs − GPU)                 }   limit − GPU peak(window)
-//!   GPU peak over window  ╭╮  ╭╮  ╭╮                      }   − other − margin
-//!   GPU now              ╯  ╰╯  ╰╯  ╰  (0.2–3 Hz swings)
+//!   rest of the site: peak over window  ╭╮  ╭╮  ╭╮        }   limit − rest peak − margin
+//!   rest of the site now               ╯  ╰╯  ╰╯  ╰  (GPU racks swing at 0.2–3 Hz)
 //! ```
 //!
 //! Shed order: highest priority class first, then least efficient (highest J/TH).
 //! Restore order: the reverse (most efficient first), in batches of the policy's size spaced by
 //! its interval, and only what fits under the budget with a small deadband to spare (2 % of
-//! the limit), so that noisy readings near the budget cannot switch an ASIC off and on again. Minimum off and on times are honoured;
-//! an emergency directive may switch ASICs off before their minimum on-time.
+//! the limit), so that noisy readings near the budget cannot switch an ASIC off and on again,
+//! and never into room left by ASICs that are still on their way off. Minimum off and on times
+//! are honoured, on the monotonic clock; an emergency directive may switch ASICs off before
+//! their minimum on-time.
 
-use jiff::{SignedDuration, Timestamp};
 use site_config::{AsicId, Site};
 
+use crate::decide::time::{Mono, Now};
 use crate::decide::timeline::Timeline;
+use crate::msg::Hold;
 
 /// Power differences below this are noise (kW).
 const EPS_KW: f64 = 1e-6;
 
-/// Other-load estimates needed within the window before anything is restored.
-pub const MIN_OTHER_SAMPLES: usize = 5;
-
-/// True when the other-load samples are enough to restore on: the oldest at least half a
-/// window old, and at least [`MIN_OTHER_SAMPLES`] of them within the window (fewer if the window
-/// holds fewer polls: a quarter of what it can hold, at least one).
-pub fn is_warm(
-    samples: &[(Timestamp, f64)],
-    now: Timestamp,
-    window: std::time::Duration,
-    poll: std::time::Duration,
-) -> bool {
-    let half = SignedDuration::try_from(window / 2).unwrap_or(SignedDuration::MAX);
-    let oldest = samples.iter().map(|(t, _)| *t).filter(|t| *t <= now).min();
-    let fits = (window.as_secs_f64() / poll.as_secs_f64().max(1e-3) / 4.0) as usize;
-    samples.iter().filter(|(t, _)| *t <= now).count() >= MIN_OTHER_SAMPLES.min(fits.max(1))
-        && oldest.is_some_and(|t| now.duration_since(t) >= half)
-}
-
 /// What the controller knows of one ASIC at the time of a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AsicState {
-    /// The relay's state as last read back, or as last commanded when no reading is fresh.
+    /// On, as far as the controller can tell (for a PDU it cannot switch: on unless it is
+    /// known to be off, the safe side of every limit).
     pub on: bool,
     /// When the relay last changed; `None` if unknown (min on/off then count as served).
-    pub since: Option<Timestamp>,
-    /// False when its PDU is faulted: it cannot be switched and is counted as it stands.
+    pub since: Option<Mono>,
+    /// False when its PDU cannot be switched now (silent, refusing writes, relays that do not
+    /// follow): it is counted as it stands and never planned to change.
     pub controllable: bool,
+    /// Commanded to a state its relay has not been read in yet: an ASIC on its way off counts
+    /// as off for shedding, but the room it leaves is not restored into until it is seen off.
+    pub unconfirmed: bool,
+}
+
+/// The load besides the ASICs, as the estimator sees it (see [`crate::decide::estimate`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Load {
+    /// The peak over the policy window of everything that is not an ASIC (GPU racks, cooling,
+    /// the rest), as the site meter shows it: what sheds answer to.
+    pub rest_kw: f64,
+    /// The same over two windows (at least `rest_kw`): what restores must fit under, so that
+    /// an ASIC restored in a lull is not shed again at the next crest.
+    pub restore_rest_kw: f64,
+    /// Why nothing may be restored on these figures, if so (too young, no site meter).
+    pub restore_held: Option<Hold>,
 }
 
 /// Readings the planner works from.
@@ -65,32 +67,31 @@ pub struct AsicState {
 pub struct Snapshot {
     /// One entry per ASIC, indexed by [`AsicId`].
     pub asics: Vec<AsicState>,
-    /// Total GPU rack draw over time, oldest first; the peak over the policy window is used.
-    pub gpu_kw: Vec<(Timestamp, f64)>,
-    /// Other load (site meter − ASICs − GPU racks) over time, oldest first; a robust mean over
-    /// the policy window is used, since meter and outlet readings are not taken at the same
-    /// instant and single estimates spike while relays switch. None known: 0 (the margin is
-    /// what covers it).
-    pub other_kw: Vec<(Timestamp, f64)>,
+    pub load: Load,
     /// When ASICs were last switched (either way): the next restore batch waits the restore
     /// interval after it, so batches are spaced and nothing comes back right after a shed.
-    pub last_switch: Option<Timestamp>,
+    pub last_switch: Option<Mono>,
 }
 
 impl Snapshot {
-    /// Every ASIC on, controllable and long settled; no readings.
-    pub fn all_on(site: &Site) -> Snapshot {
+    /// Every ASIC on, controllable and long settled; the rest of the site at `gpu_kw`, and
+    /// figures good enough to restore on.
+    pub fn all_on(site: &Site, gpu_kw: f64) -> Snapshot {
         Snapshot {
             asics: vec![
                 AsicState {
                     on: true,
                     since: None,
-                    controllable: true
+                    controllable: true,
+                    unconfirmed: false,
                 };
                 site.asics.len()
             ],
-            gpu_kw: Vec::new(),
-            other_kw: Vec::new(),
+            load: Load {
+                rest_kw: gpu_kw,
+                restore_rest_kw: gpu_kw,
+                restore_held: None,
+            },
             last_switch: None,
         }
     }
@@ -102,7 +103,7 @@ pub struct Plan {
     /// Desired relay state per ASIC, indexed by [`AsicId`].
     pub desired: Vec<bool>,
     /// When the planner next needs to run even if nothing changes.
-    pub next_wake: Option<Timestamp>,
+    pub next_wake: Option<Mono>,
     /// The import limit in force: the subscription limit or a lower directive.
     pub limit_kw: f64,
     /// Rated kW the ASICs may draw.
@@ -112,10 +113,8 @@ pub struct Plan {
     /// How far the plan stays above the budget, kW: ASICs that could not be switched off (faulted
     /// PDU, minimum on-time), or GPU and other load alone above the limit.
     pub shortfall_kw: f64,
-    /// GPU peak over the window the budget was computed with.
-    pub gpu_peak_kw: f64,
-    /// Other load the budget was computed with.
-    pub other_kw: f64,
+    /// The rest of the site (its peak over the window) the budget was computed with.
+    pub rest_kw: f64,
     pub switched_off: usize,
     pub restored: usize,
     /// Why ASICs that are off were not restored this cycle, if any were held back.
@@ -138,20 +137,6 @@ impl Plan {
     }
 }
 
-/// What holds a restore back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Hold {
-    /// They would not fit under the budget (with the deadband to spare).
-    NoRoom,
-    /// They have not been off for `min_off_s` yet.
-    MinOff,
-    /// The last switch was less than `restore_interval_s` ago.
-    Interval,
-    /// The other-load estimate is too young to restore on.
-    EstimateWarmingUp,
-}
-
 /// The site's shed and restore orders, computed once.
 #[derive(Debug, Clone)]
 pub struct Planner {
@@ -160,7 +145,6 @@ pub struct Planner {
     /// ASICs in the order they come back: the shed order reversed, ties by id.
     restore_order: Vec<AsicId>,
     fleet_rated_kw: f64,
-    gpu_rated_kw: f64,
 }
 
 impl Planner {
@@ -185,43 +169,47 @@ impl Planner {
             shed_order,
             restore_order,
             fleet_rated_kw: site.asic_rated_kw(),
-            gpu_rated_kw: site.gpu_rated_kw(),
         }
     }
 
-    pub fn plan(&self, site: &Site, snap: &Snapshot, timeline: &Timeline, now: Timestamp) -> Plan {
+    /// ASICs in the order they are switched off: priority class, then least efficient first.
+    pub fn shed_order(&self) -> &[AsicId] {
+        &self.shed_order
+    }
+
+    pub fn plan(&self, site: &Site, snap: &Snapshot, timeline: &Timeline, now: Now) -> Plan {
         let policy = &site.policy;
-        let force = timeline.in_force(now);
+        let force = timeline.in_force(now.wall);
         let rated = |id: AsicId| site.asic(id).rated_w / 1000.0;
         let state = |id: AsicId| {
             snap.asics.get(id.0 as usize).copied().unwrap_or(AsicState {
                 on: true,
                 since: None,
                 controllable: false,
+                unconfirmed: false,
             })
         };
 
         let limit_kw = force
             .import_limit_kw
             .map_or(site.import_limit_kw, |l| l.min(site.import_limit_kw));
-        let gpu_peak_kw =
-            gpu_peak(&snap.gpu_kw, now, policy.gpu_peak_window).unwrap_or(self.gpu_rated_kw);
-        let others = other_samples(&snap.other_kw, now, policy.gpu_peak_window);
-        let other_kw = robust_mean_since(&others, now, std::time::Duration::MAX)
-            .unwrap_or(0.0)
-            .max(0.0);
-        // The other-load estimate subtracts GPU readings taken at other instants than the site
-        // meter's, so single estimates are off by up to the GPU swing; only their mean over many
-        // swings is good. Restoring on a young estimate is how ASICs chatter after start-up:
-        // until the samples cover half the window, only shedding is allowed.
-        let warm = is_warm(&others, now, policy.gpu_peak_window, policy.poll_interval);
-        let mut budget_kw = limit_kw - gpu_peak_kw - other_kw - policy.margin_kw;
-        if let Some(shed) = force.shed_kw {
-            budget_kw = budget_kw.min(self.fleet_rated_kw - shed);
-        }
-        if force.shed_all {
-            budget_kw = budget_kw.min(0.0);
-        }
+        let Load {
+            rest_kw,
+            restore_rest_kw,
+            restore_held,
+        } = snap.load;
+        let caps = |rest: f64| {
+            let mut b = limit_kw - rest.max(0.0) - policy.margin_kw;
+            if let Some(shed) = force.shed_kw {
+                b = b.min(self.fleet_rated_kw - shed);
+            }
+            if force.shed_all {
+                b = b.min(0.0);
+            }
+            b
+        };
+        let budget_kw = caps(rest_kw);
+        let restore_budget_kw = caps(restore_rest_kw.max(rest_kw));
 
         let mut desired: Vec<bool> = (0..site.asics.len())
             .map(|i| state(AsicId(i as u32)).on)
@@ -232,20 +220,14 @@ impl Planner {
             .filter(|a| desired[a.id.0 as usize])
             .map(|a| rated(a.id))
             .sum();
-        let mut wake = timeline.next_change(now);
-        let mut wake_at = |t: Timestamp| {
-            if t > now {
+        let mut wake = timeline.next_change(now.wall).map(|t| now.mono_of(t));
+        let mut wake_at = |t: Mono| {
+            if t > now.mono {
                 wake = Some(wake.map_or(t, |w| w.min(t)));
             }
         };
-        let served = |since: Option<Timestamp>, min: std::time::Duration| {
-            since.is_none_or(|s| {
-                now.duration_since(s)
-                    >= SignedDuration::try_from(min).unwrap_or(SignedDuration::MAX)
-            })
-        };
-        let until = |since: Option<Timestamp>, min: std::time::Duration| {
-            since.and_then(|s| s.checked_add(SignedDuration::try_from(min).ok()?).ok())
+        let served = |since: Option<Mono>, min: std::time::Duration| {
+            since.is_none_or(|s| now.mono.elapsed(s, min))
         };
 
         let (mut switched_off, mut restored) = (0, 0);
@@ -260,8 +242,8 @@ impl Planner {
                     continue;
                 }
                 if !force.emergency && !served(s.since, policy.min_on) {
-                    if let Some(t) = until(s.since, policy.min_on) {
-                        wake_at(t);
+                    if let Some(since) = s.since {
+                        wake_at(since + policy.min_on);
                     }
                     continue;
                 }
@@ -269,17 +251,25 @@ impl Planner {
                 on_kw -= rated(id);
                 switched_off += 1;
             }
-        } else if !warm {
-            held = Some(Hold::EstimateWarmingUp);
+        } else if let Some(hold) = restore_held {
+            held = Some(hold);
         } else {
             let next_batch = snap
                 .last_switch
-                .and_then(|t| until(Some(t), policy.restore_interval))
-                .filter(|t| *t > now);
+                .map(|t| t + policy.restore_interval)
+                .filter(|t| *t > now.mono);
             // Hysteresis: restore only what leaves a little room, so that readings wobbling
             // around the budget do not switch the same ASIC off and on again.
-            let noise = estimate_noise_kw(&others, now, std::time::Duration::MAX);
-            let mut room = budget_kw - on_kw - restore_deadband(limit_kw).max(noise);
+            let leaving_kw: f64 = site
+                .asics
+                .iter()
+                .filter(|a| {
+                    let s = state(a.id);
+                    !desired[a.id.0 as usize] && s.unconfirmed
+                })
+                .map(|a| rated(a.id))
+                .sum();
+            let mut room = restore_budget_kw - on_kw - leaving_kw - restore_deadband(limit_kw);
             for &id in &self.restore_order {
                 let s = state(id);
                 if !s.controllable || desired[id.0 as usize] {
@@ -291,8 +281,8 @@ impl Planner {
                 }
                 if !served(s.since, policy.min_off) {
                     held = Some(Hold::MinOff);
-                    if let Some(t) = until(s.since, policy.min_off) {
-                        wake_at(t);
+                    if let Some(since) = s.since {
+                        wake_at(since + policy.min_off);
                     }
                     continue;
                 }
@@ -302,11 +292,7 @@ impl Planner {
                     break;
                 }
                 if restored as u32 >= policy.restore_batch_size {
-                    if let Ok(t) = now.checked_add(
-                        SignedDuration::try_from(policy.restore_interval).unwrap_or_default(),
-                    ) {
-                        wake_at(t);
-                    }
+                    wake_at(now.mono + policy.restore_interval);
                     break;
                 }
                 desired[id.0 as usize] = true;
@@ -323,8 +309,7 @@ impl Planner {
             budget_kw,
             planned_asic_kw: on_kw,
             shortfall_kw: (on_kw - budget_kw).max(0.0),
-            gpu_peak_kw,
-            other_kw,
+            rest_kw,
             switched_off,
             restored,
             held: if restored > 0 { None } else { held },
@@ -333,95 +318,14 @@ impl Planner {
     }
 }
 
-/// How far the other-load estimate may move from one cycle to the next: three standard errors of
-/// its mean (the spread of single estimates, from their interquartile range, over √n). Restores
-/// keep at least this much room, so the estimate settling cannot undo them.
-pub fn estimate_noise_kw(
-    samples: &[(Timestamp, f64)],
-    now: Timestamp,
-    window: std::time::Duration,
-) -> f64 {
-    let mut v: Vec<f64> = within(samples, now, window).collect();
-    if v.len() < 4 {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let iqr = v[v.len() * 3 / 4] - v[v.len() / 4];
-    3.0 * (iqr / 1.35) / (v.len() as f64).sqrt()
-}
-
 /// Room kept free when restoring: 2 % of the limit, at least 0.5 kW.
 pub fn restore_deadband(limit_kw: f64) -> f64 {
     (limit_kw.abs() * 0.02).max(0.5)
 }
 
 /// Shorthand for a one-off plan (builds the orders each call).
-pub fn plan(site: &Site, snapshot: &Snapshot, timeline: &Timeline, now: Timestamp) -> Plan {
+pub fn plan(site: &Site, snapshot: &Snapshot, timeline: &Timeline, now: Now) -> Plan {
     Planner::new(site).plan(site, snapshot, timeline, now)
-}
-
-/// The finite values sampled within `window` before `now`.
-fn within(
-    samples: &[(Timestamp, f64)],
-    now: Timestamp,
-    window: std::time::Duration,
-) -> impl Iterator<Item = f64> + '_ {
-    let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
-    let from = now.checked_sub(window).unwrap_or(Timestamp::MIN);
-    samples
-        .iter()
-        .filter(move |(t, kw)| *t >= from && *t <= now && kw.is_finite())
-        .map(|(_, kw)| *kw)
-}
-
-/// The interquartile mean of the samples within `window` before `now`: robust to the spikes a
-/// skewed reading makes, and steady from one cycle to the next (a median of bimodal noise
-/// flips between the modes).
-pub fn robust_mean_since(
-    samples: &[(Timestamp, f64)],
-    now: Timestamp,
-    window: std::time::Duration,
-) -> Option<f64> {
-    let mut v: Vec<f64> = within(samples, now, window).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let q = v.len() / 4;
-    let middle = &v[q..v.len() - q];
-    Some(middle.iter().sum::<f64>() / middle.len() as f64)
-}
-
-/// The other-load samples to estimate from: those within the window, or, when a burst of
-/// switching left fewer than [`MIN_OTHER_SAMPLES`] there, the latest that many whatever their
-/// age (other load moves slowly; an estimate does not expire because relays were busy).
-pub fn other_samples(
-    samples: &[(Timestamp, f64)],
-    now: Timestamp,
-    window: std::time::Duration,
-) -> Vec<(Timestamp, f64)> {
-    let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
-    let from = now.checked_sub(window).unwrap_or(Timestamp::MIN);
-    let past: Vec<(Timestamp, f64)> = samples
-        .iter()
-        .copied()
-        .filter(|(t, kw)| *t <= now && kw.is_finite())
-        .collect();
-    let recent: Vec<(Timestamp, f64)> = past.iter().copied().filter(|(t, _)| *t >= from).collect();
-    if recent.len() >= MIN_OTHER_SAMPLES {
-        recent
-    } else {
-        past[past.len().saturating_sub(MIN_OTHER_SAMPLES)..].to_vec()
-    }
-}
-
-/// The largest GPU draw sampled within `window` before `now`.
-pub fn gpu_peak(
-    samples: &[(Timestamp, f64)],
-    now: Timestamp,
-    window: std::time::Duration,
-) -> Option<f64> {
-    within(samples, now, window).reduce(f64::max)
 }
 
 #[cfg(test)]

@@ -1,110 +1,39 @@
-//! Actuation and sensing over Modbus TCP: one task per endpoint (host:port), owning its
-//! connection, for the PDUs and meters behind it.
+//! One task per Modbus endpoint (host:port), owning its connection, for the PDUs and meters
+//! behind it. It decides nothing: every poll interval it reads its devices, whenever the core
+//! publishes a new order for one of its PDUs it writes it, and it reports what it read, wrote,
+//! or failed to. The core judges (health, verification, retries: `decide::fleet`,
+//! `decide::health`).
 //!
-//! Each task reads its devices every poll interval and whenever the desired state changes
-//! writes what differs: one Write Multiple Coils (or Registers) per run of consecutive ASIC
-//! outlets where the profile allows it, else one write per outlet; then reads the relays back.
-//! Every call runs under the device's timeout (tokio-modbus has none of its own); after a
-//! timeout or transport error the connection is dropped (transaction ids may be out of step)
-//! and re-opened with backoff. A device's exception answer is a fault of that device, not of
-//! the connection. Nothing is written but ASIC outlets: GPU feed outlets, empty outlets and
-//! meters are only ever read.
+//! Every call runs under the device's timeout (tokio-modbus has none of its own). After a
+//! timeout, a broken connection or an answer that does not fit its request the connection is
+//! dropped (transaction ids may be out of step) and opened again with backoff: 100 ms doubling
+//! to 5 s, reset only by a correct answer, so a device that accepts connections but answers
+//! wrongly is not hammered. A device's exception answer is a fault of that device, not of the
+//! connection. Only what the core orders is written: ASIC outlets, never a GPU feed or a meter.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use site_config::profile::{MAX_READ_WORDS, RegisterTable, RelayTable, WriteMode};
-use site_config::{AsicId, DeviceId, MeterId, PduId, Site};
+use site_config::{DeviceId, MeterId, PduId, Site};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout};
-use tokio_modbus::client::{Context, Reader, Writer, tcp};
+use tokio_modbus::client::{Client, Context, tcp};
 use tokio_modbus::prelude::SlaveContext;
-use tokio_modbus::{ExceptionCode, Slave};
+use tokio_modbus::{Response, Slave};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::show::metrics::{Histogram, Telemetry};
-
-/// Why a device is not trusted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DeviceError {
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    #[error("connection failed: {0}")]
-    Transport(String),
-    #[error("answered with Modbus exception {0:?}")]
-    Exception(ExceptionCode),
-    #[error("answered with {0}")]
-    Malformed(String),
-    #[error("relays disagree with what was written on outlets {0:?}")]
-    Disagrees(Vec<u16>),
-}
-
-/// The desired relay state of every ASIC, published by the engine; `generation` grows with
-/// every plan so endpoint tasks can tell a new plan from an old one.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Desired {
-    pub generation: u64,
-    /// Indexed by [`AsicId`]; `None` before the first plan (nothing is written then).
-    pub asics: Option<Arc<Vec<bool>>>,
-}
-
-/// What an endpoint task tells the engine.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Report {
-    Pdu {
-        pdu: PduId,
-        at: Instant,
-        /// Relay state of every outlet (outlet 1 first), read just now.
-        relays: Vec<bool>,
-        /// Active power of every outlet, W.
-        power_w: Vec<f64>,
-    },
-    Meter {
-        meter: MeterId,
-        at: Instant,
-        kw: f64,
-    },
-    Fault {
-        device: DeviceId,
-        at: Instant,
-        error: DeviceError,
-    },
-}
-
-/// A run of consecutive outlets that all carry ASICs: the unit of a batched write.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Run {
-    /// 1-based number of the first outlet.
-    pub first_outlet: u16,
-    /// The ASIC on each outlet of the run, in outlet order.
-    pub asics: Vec<AsicId>,
-}
-
-/// Splits a PDU's ASIC outlets into runs of consecutive outlets. Outlets without an ASIC
-/// (GPU feeds, empty) break runs, so no write ever covers them.
-pub fn runs(site: &Site, pdu: PduId) -> Vec<Run> {
-    let mut by_outlet: BTreeMap<u16, AsicId> = BTreeMap::new();
-    for a in site.asics.iter().filter(|a| a.pdu == pdu) {
-        by_outlet.insert(a.outlet, a.id);
-    }
-    let mut out: Vec<Run> = Vec::new();
-    for (outlet, id) in by_outlet {
-        match out.last_mut() {
-            Some(run) if run.first_outlet + run.asics.len() as u16 == outlet => run.asics.push(id),
-            _ => out.push(Run {
-                first_outlet: outlet,
-                asics: vec![id],
-            }),
-        }
-    }
-    out
-}
+use crate::field::protocol::{self, Step};
+use crate::msg::{Call, DeviceError, Order, Orders, Reading};
+use crate::show::metrics::Telemetry;
 
 /// Into how many groups the endpoints' polls are spread over the poll interval.
 const POLL_PHASES: u32 = 8;
+
+/// The site meter is read this many times a poll interval: the budget leaves room for the
+/// peak of what it shows, and a swinging load's crests are caught only by dense readings.
+const SITE_METER_READS: u32 = 4;
 
 /// Timing of the Modbus side.
 #[derive(Debug, Clone, Copy)]
@@ -112,20 +41,16 @@ pub struct Timing {
     pub poll_interval: Duration,
     /// Between reconnection attempts.
     pub backoff: Backoff,
-    /// How long relays may take to follow a write before the device counts as disagreeing.
-    pub verify_grace: Duration,
 }
 
 impl Timing {
     pub fn for_site(site: &Site) -> Timing {
-        let poll = site.policy.poll_interval;
         Timing {
-            poll_interval: poll,
+            poll_interval: site.policy.poll_interval,
             backoff: Backoff {
                 min: Duration::from_millis(100),
                 max: Duration::from_secs(5),
             },
-            verify_grace: (poll * 3).max(Duration::from_secs(2)),
         }
     }
 }
@@ -134,12 +59,13 @@ impl Timing {
 pub fn spawn_endpoints(
     site: &Arc<Site>,
     timing: Timing,
-    desired: watch::Receiver<Desired>,
-    reports: mpsc::Sender<Report>,
+    orders: watch::Receiver<Orders>,
+    readings: mpsc::Sender<Reading>,
     telemetry: &Arc<Telemetry>,
     cancel: &CancellationToken,
 ) -> tokio::task::JoinSet<()> {
-    let mut groups: BTreeMap<(String, u16), Vec<DeviceId>> = BTreeMap::new();
+    let mut groups: std::collections::BTreeMap<(String, u16), Vec<DeviceId>> =
+        std::collections::BTreeMap::new();
     for id in site.devices() {
         let ep = site.device_endpoint(id);
         groups
@@ -155,120 +81,81 @@ pub fn spawn_endpoints(
         // Eight phases: bursts small enough not to delay a shed, few enough that the wake-ups
         // of a poll round are shared (polling each endpoint at its own instant costs more CPU).
         let phase = timing.poll_interval * ((k as u32 * POLL_PHASES) / n) / POLL_PHASES;
-        let task = Endpoint::new(
-            site.clone(),
-            (host, port),
-            devices,
+        let mut pdus = Vec::new();
+        let mut meters = Vec::new();
+        for d in devices {
+            match d {
+                DeviceId::Pdu(p) => pdus.push(p),
+                DeviceId::Meter(m) => meters.push(m),
+            }
+        }
+        let site_meter = meters.contains(&site.site_meter).then_some(site.site_meter);
+        let task = Endpoint {
+            site_meter,
+            site: site.clone(),
+            host,
+            port,
+            done: vec![0; pdus.len()],
+            pdus,
+            meters,
             timing,
-            desired.clone(),
-            reports.clone(),
-            telemetry.clone(),
-        );
+            orders: orders.clone(),
+            readings: readings.clone(),
+            ctx: None,
+            failures: 0,
+            next_attempt: Instant::now(),
+            telemetry: telemetry.clone(),
+        };
         set.spawn(task.run(phase, cancel.clone()));
     }
     set
 }
 
-struct PduPlan {
-    id: PduId,
-    runs: Vec<Run>,
-    /// Relay state as last read back, by outlet index.
-    relays: Option<Vec<bool>>,
-    /// Outlets written but not yet seen to follow, with when.
-    unverified: BTreeMap<u16, (bool, Instant)>,
-}
-
 struct Endpoint {
     site: Arc<Site>,
+    /// The site meter, when it is behind this endpoint: read more often than the rest.
+    site_meter: Option<MeterId>,
     host: String,
     port: u16,
-    pdus: Vec<PduPlan>,
+    pdus: Vec<PduId>,
+    /// Per PDU (as `pdus`), the id of the last order carried out.
+    done: Vec<u64>,
     meters: Vec<MeterId>,
     timing: Timing,
-    desired: watch::Receiver<Desired>,
-    reports: mpsc::Sender<Report>,
+    orders: watch::Receiver<Orders>,
+    readings: mpsc::Sender<Reading>,
     ctx: Option<Context>,
+    /// Failures since the last correct answer.
     failures: u32,
     next_attempt: Instant,
-    /// Devices that answered with an exception or nonsense, with their failure count and when
-    /// to ask them again: a faulted device is retried with backoff, not at every poll.
-    retry: BTreeMap<DeviceId, (u32, Instant)>,
     telemetry: Arc<Telemetry>,
 }
 
-enum CallError {
-    /// The device answered with an exception: the connection is fine.
-    Device(DeviceError),
-    /// Timeout or transport failure: the connection must go.
-    Link(DeviceError),
-}
-
-/// Runs one Modbus call under a timeout, sorting failures into the device's and the link's.
-async fn call<T>(
-    limit: Duration,
-    latency: &Histogram,
-    fut: impl Future<Output = tokio_modbus::Result<T>>,
-) -> Result<T, CallError> {
-    let sent = Instant::now();
-    let result = timeout(limit, fut).await;
-    latency.observe(sent.elapsed());
-    match result {
-        Err(_) => Err(CallError::Link(DeviceError::Timeout(limit))),
-        Ok(Err(e)) => Err(CallError::Link(DeviceError::Transport(e.to_string()))),
-        Ok(Ok(Err(code))) => Err(CallError::Device(DeviceError::Exception(code))),
-        Ok(Ok(Ok(v))) => Ok(v),
-    }
+/// A failed call, and whether the connection must go with it.
+struct Failed {
+    error: DeviceError,
+    drop_link: bool,
 }
 
 impl Endpoint {
-    fn new(
-        site: Arc<Site>,
-        (host, port): (String, u16),
-        devices: Vec<DeviceId>,
-        timing: Timing,
-        desired: watch::Receiver<Desired>,
-        reports: mpsc::Sender<Report>,
-        telemetry: Arc<Telemetry>,
-    ) -> Endpoint {
-        let mut pdus = Vec::new();
-        let mut meters = Vec::new();
-        for d in devices {
-            match d {
-                DeviceId::Pdu(p) => pdus.push(PduPlan {
-                    id: p,
-                    runs: runs(&site, p),
-                    relays: None,
-                    unverified: BTreeMap::new(),
-                }),
-                DeviceId::Meter(m) => meters.push(m),
-            }
-        }
-        Endpoint {
-            site,
-            host,
-            port,
-            pdus,
-            meters,
-            timing,
-            desired,
-            reports,
-            ctx: None,
-            failures: 0,
-            next_attempt: Instant::now(),
-            retry: BTreeMap::new(),
-            telemetry,
-        }
-    }
-
     async fn run(mut self, phase: Duration, cancel: CancellationToken) {
-        let mut poll = tokio::time::interval_at(Instant::now() + phase, self.timing.poll_interval);
+        let ticks_per_poll = if self.site_meter.is_some() {
+            SITE_METER_READS
+        } else {
+            1
+        };
+        let mut poll = tokio::time::interval_at(
+            Instant::now() + phase,
+            self.timing.poll_interval / ticks_per_poll,
+        );
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick: u32 = 0;
         loop {
             // Cancel-safe: each branch only wakes us; the work happens after the select.
-            let plan_changed = tokio::select! {
+            let ordered = tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = poll.tick() => false,
-                r = self.desired.changed() => {
+                r = self.orders.changed() => {
                     if r.is_err() {
                         return;
                     }
@@ -278,12 +165,15 @@ impl Endpoint {
             if !self.ensure_connected().await {
                 continue;
             }
-            if plan_changed {
-                self.actuate().await;
-            } else {
-                self.poll_all().await;
-                self.actuate().await;
+            if !ordered {
+                if tick.is_multiple_of(ticks_per_poll) {
+                    self.poll_all().await;
+                } else if let Some(meter) = self.site_meter {
+                    self.read_meter(meter).await;
+                }
+                tick = tick.wrapping_add(1);
             }
+            self.carry_out_orders().await;
         }
     }
 
@@ -295,18 +185,24 @@ impl Endpoint {
             return false;
         }
         let limit = self.connect_timeout();
+        let connect = Call::CONNECT;
         let result = match self.resolve().await {
             Ok(addr) => match timeout(limit, tcp::connect(addr)).await {
                 Ok(Ok(ctx)) => Ok(ctx),
-                Ok(Err(e)) => Err(DeviceError::Transport(e.to_string())),
-                Err(_) => Err(DeviceError::Timeout(limit)),
+                Ok(Err(e)) => Err(DeviceError::Transport {
+                    call: connect,
+                    reason: e.to_string(),
+                }),
+                Err(_) => Err(DeviceError::Timeout {
+                    call: connect,
+                    limit,
+                }),
             },
             Err(e) => Err(e),
         };
         match result {
             Ok(ctx) => {
                 self.ctx = Some(ctx);
-                self.failures = 0;
                 true
             }
             Err(e) => {
@@ -317,10 +213,7 @@ impl Endpoint {
     }
 
     fn connect_timeout(&self) -> Duration {
-        let pdus = self
-            .pdus
-            .iter()
-            .map(|p| self.site.pdu(p.id).endpoint.timeout);
+        let pdus = self.pdus.iter().map(|p| self.site.pdu(*p).endpoint.timeout);
         let meters = self
             .meters
             .iter()
@@ -332,14 +225,18 @@ impl Endpoint {
         if let Ok(ip) = self.host.parse() {
             return Ok(SocketAddr::new(ip, self.port));
         }
+        let fail = |reason: String| DeviceError::Transport {
+            call: Call::CONNECT,
+            reason,
+        };
         tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
-            .map_err(|e| DeviceError::Transport(format!("cannot resolve {}: {e}", self.host)))?
+            .map_err(|e| fail(format!("cannot resolve {}: {e}", self.host)))?
             .next()
-            .ok_or_else(|| DeviceError::Transport(format!("{} resolves to no address", self.host)))
+            .ok_or_else(|| fail(format!("{} resolves to no address", self.host)))
     }
 
-    /// Drops the connection, reports every device behind it faulted, and schedules the next
+    /// Drops the connection, reports every device behind it unreadable, and schedules the next
     /// attempt with exponential backoff and jitter.
     async fn link_down(&mut self, error: DeviceError) {
         self.ctx = None;
@@ -348,29 +245,87 @@ impl Endpoint {
         if self.failures == 1 || self.failures.is_power_of_two() {
             tracing::warn!(endpoint = %format!("{}:{}", self.host, self.port), failures = self.failures, %error, "modbus endpoint unreachable");
         }
-        let at = Instant::now();
         let devices: Vec<DeviceId> = self
             .pdus
             .iter()
-            .map(|p| DeviceId::Pdu(p.id))
+            .map(|p| DeviceId::Pdu(*p))
             .chain(self.meters.iter().map(|m| DeviceId::Meter(*m)))
             .collect();
         for device in devices {
-            self.report(Report::Fault {
+            self.report(Reading::ReadFailed {
                 device,
-                at,
                 error: error.clone(),
             })
             .await;
         }
-        for p in &mut self.pdus {
-            p.relays = None;
+    }
+
+    async fn report(&mut self, r: Reading) {
+        // The shell drains readings continuously; if it is gone we are shutting down.
+        let _ = self.readings.send(r).await;
+    }
+
+    /// Sends one request to `unit` under `limit`.
+    async fn call(&mut self, unit: u8, limit: Duration, step: &Step) -> Result<Response, Failed> {
+        let ctx = self.ctx.as_mut().ok_or_else(|| Failed {
+            error: DeviceError::Transport {
+                call: step.call,
+                reason: "not connected".into(),
+            },
+            drop_link: true,
+        })?;
+        ctx.set_slave(Slave(unit));
+        let sent = Instant::now();
+        let result = timeout(limit, ctx.call(step.request.clone())).await;
+        self.telemetry.modbus.observe(sent.elapsed());
+        let result = match result {
+            Err(_) => {
+                return Err(Failed {
+                    error: DeviceError::Timeout {
+                        call: step.call,
+                        limit,
+                    },
+                    drop_link: true,
+                });
+            }
+            Ok(r) => r,
+        };
+        // An answer whose header or function does not fit: transaction ids may be out of step.
+        let drop_link = result.is_err();
+        match protocol::outcome(step.call, result) {
+            Ok(r) => {
+                self.failures = 0;
+                Ok(r)
+            }
+            Err(error) => Err(Failed { error, drop_link }),
         }
     }
 
-    async fn report(&mut self, r: Report) {
-        // The engine drains reports continuously; if it is gone we are shutting down.
-        let _ = self.reports.send(r).await;
+    /// Runs `steps` on `unit`, stopping at the first failure.
+    async fn run_steps(
+        &mut self,
+        unit: u8,
+        limit: Duration,
+        steps: &[Step],
+    ) -> Result<Vec<Response>, Failed> {
+        let mut out = Vec::with_capacity(steps.len());
+        for s in steps {
+            out.push(self.call(unit, limit, s).await?);
+        }
+        Ok(out)
+    }
+
+    /// A device failed: its fault goes to the core; the connection goes too if it must.
+    async fn failed(&mut self, device: DeviceId, f: Failed) {
+        if f.drop_link {
+            self.link_down(f.error).await;
+        } else {
+            self.report(Reading::ReadFailed {
+                device,
+                error: f.error,
+            })
+            .await;
+        }
     }
 
     async fn poll_all(&mut self) {
@@ -378,406 +333,132 @@ impl Endpoint {
             if self.ctx.is_none() {
                 return;
             }
-            let meter = self.meters[i];
-            if self.backing_off(DeviceId::Meter(meter)) {
-                continue;
-            }
-            match self.read_meter(meter).await {
-                Ok(kw) => {
-                    self.retry.remove(&DeviceId::Meter(meter));
-                    self.report(Report::Meter {
-                        meter,
-                        at: Instant::now(),
-                        kw,
-                    })
-                    .await
-                }
-                Err(e) => self.device_failed(DeviceId::Meter(meter), e).await,
-            }
+            self.read_meter(self.meters[i]).await;
         }
+        self.poll_pdus().await;
+    }
+
+    async fn read_meter(&mut self, meter: MeterId) {
+        let site = self.site.clone();
+        let m = site.meter(meter);
+        let step = protocol::meter_read(m);
+        let result = self
+            .run_steps(
+                m.endpoint.unit_id,
+                m.endpoint.timeout,
+                std::slice::from_ref(&step),
+            )
+            .await
+            .and_then(|a| {
+                let answer = a.first().ok_or_else(|| Failed {
+                    error: DeviceError::Malformed {
+                        call: step.call,
+                        reason: "no answer".into(),
+                    },
+                    drop_link: false,
+                })?;
+                protocol::decode_meter(m, &step, answer).map_err(|error| Failed {
+                    error,
+                    drop_link: false,
+                })
+            });
+        match result {
+            Ok(kw) => self.report(Reading::Meter { meter, kw }).await,
+            Err(f) => self.failed(DeviceId::Meter(meter), f).await,
+        }
+    }
+
+    async fn poll_pdus(&mut self) {
+        let site = self.site.clone();
         for i in 0..self.pdus.len() {
             if self.ctx.is_none() {
                 return;
             }
-            // A new plan goes before the rest of the poll (behind a gateway with many PDUs).
-            if self.desired.has_changed().unwrap_or(false) {
-                self.actuate().await;
+            // A new order goes before the rest of the poll (behind a gateway with many PDUs).
+            if self.orders.has_changed().unwrap_or(false) {
+                self.carry_out_orders().await;
             }
-            let pdu = self.pdus[i].id;
-            if self.backing_off(DeviceId::Pdu(pdu)) {
-                continue;
-            }
-            match self.read_pdu(pdu).await {
+            let pdu = self.pdus[i];
+            let p = site.pdu(pdu);
+            let result = match protocol::pdu_read(p) {
+                Ok(steps) => self
+                    .run_steps(p.endpoint.unit_id, p.endpoint.timeout, &steps)
+                    .await
+                    .and_then(|answers| {
+                        protocol::decode_pdu(p, &steps, &answers).map_err(|error| Failed {
+                            error,
+                            drop_link: false,
+                        })
+                    }),
+                Err(error) => Err(Failed {
+                    error,
+                    drop_link: false,
+                }),
+            };
+            match result {
                 Ok((relays, power_w)) => {
-                    self.retry.remove(&DeviceId::Pdu(pdu));
-                    let at = Instant::now();
-                    let stuck = self.verify(i, &relays, at);
-                    self.pdus[i].relays = Some(relays.clone());
-                    self.report(Report::Pdu {
+                    self.report(Reading::Pdu {
                         pdu,
-                        at,
                         relays,
                         power_w,
                     })
-                    .await;
-                    // After the reading, so that the fault is what the engine keeps.
-                    if !stuck.is_empty() {
-                        self.report(Report::Fault {
-                            device: DeviceId::Pdu(pdu),
-                            at,
-                            error: DeviceError::Disagrees(stuck),
-                        })
-                        .await;
-                    }
+                    .await
                 }
-                Err(e) => self.device_failed(DeviceId::Pdu(pdu), e).await,
+                Err(f) => self.failed(DeviceId::Pdu(pdu), f).await,
             }
         }
     }
 
-    /// Compares a read-back with outstanding writes: outlets that followed are verified; those
-    /// still different after the grace period are returned as disagreeing.
-    fn verify(&mut self, i: usize, relays: &[bool], at: Instant) -> Vec<u16> {
-        let grace = self.timing.verify_grace;
-        let pdu = &mut self.pdus[i];
-        pdu.unverified
-            .retain(|outlet, (want, _)| relays.get(usize::from(*outlet) - 1) != Some(want));
-        pdu.unverified
-            .iter()
-            .filter(|(_, (_, since))| at.duration_since(*since) > grace)
-            .map(|(o, _)| *o)
-            .collect()
-    }
-
-    /// True while `device` waits out its backoff after a failure.
-    fn backing_off(&self, device: DeviceId) -> bool {
-        self.retry
-            .get(&device)
-            .is_some_and(|(_, at)| Instant::now() < *at)
-    }
-
-    async fn device_failed(&mut self, device: DeviceId, e: CallError) {
-        match e {
-            CallError::Link(error) => self.link_down(error).await,
-            CallError::Device(error) => {
-                let failures = self
-                    .retry
-                    .get(&device)
-                    .map_or(1, |(n, _)| n.saturating_add(1));
-                let next = Instant::now() + self.timing.backoff.delay(failures);
-                self.retry.insert(device, (failures, next));
-                self.report(Report::Fault {
-                    device,
-                    at: Instant::now(),
-                    error,
-                })
-                .await
-            }
-        }
-    }
-
-    async fn read_meter(&mut self, meter: MeterId) -> Result<f64, CallError> {
-        let m = self.site.meter(meter);
-        let map = m.profile.active_power;
-        let words = self
-            .read_words(
-                m.endpoint.unit_id,
-                m.endpoint.timeout,
-                map.table,
-                map.address,
-                map.encoding.words(),
-            )
-            .await?;
-        let v = map.decode(&words).ok_or_else(|| {
-            CallError::Device(DeviceError::Malformed(
-                "a power value that is not a finite number".into(),
-            ))
-        })?;
-        let kw = map.to_watts(v) / 1000.0;
-        if !(-1e7..=1e7).contains(&kw) {
-            return Err(CallError::Device(DeviceError::Malformed(format!(
-                "an absurd power of {kw} kW"
-            ))));
-        }
-        Ok(kw)
-    }
-
-    async fn read_pdu(&mut self, pdu: PduId) -> Result<(Vec<bool>, Vec<f64>), CallError> {
-        let site = self.site.clone();
-        let p = site.pdu(pdu);
-        let (unit, limit, n) = (p.endpoint.unit_id, p.endpoint.timeout, p.outlets);
-        let relays = self.read_relays(unit, limit, &p.profile.relays, n).await?;
-        let block = p.profile.outlet_power;
-        let span = block.span(n).ok_or_else(|| {
-            CallError::Device(DeviceError::Malformed(
-                "outlet power block out of range".into(),
-            ))
-        })?;
-        let words = self
-            .read_words(unit, limit, block.table, block.address, span)
-            .await?;
-        let mut power_w = Vec::with_capacity(usize::from(n));
-        for outlet in 1..=n {
-            let map = block.outlet(outlet);
-            let offset = usize::from(map.address - block.address);
-            let w = words
-                .get(offset..)
-                .and_then(|w| map.decode(w))
-                .map(|v| map.to_watts(v))
-                .ok_or_else(|| {
-                    CallError::Device(DeviceError::Malformed(format!(
-                        "no power value for outlet {outlet}"
-                    )))
-                })?;
-            power_w.push(w);
-        }
-        Ok((relays, power_w))
-    }
-
-    async fn read_relays(
-        &mut self,
-        unit: u8,
-        limit: Duration,
-        map: &site_config::profile::RelayMap,
-        n: u16,
-    ) -> Result<Vec<bool>, CallError> {
-        let ctx = self
-            .ctx
-            .as_mut()
-            .ok_or_else(|| CallError::Link(DeviceError::Transport("not connected".into())))?;
-        ctx.set_slave(Slave(unit));
-        let latency = &self.telemetry.modbus;
-        let states = match map.table {
-            RelayTable::Coil => call(limit, latency, ctx.read_coils(map.address, n)).await?,
-            RelayTable::Holding => call(limit, latency, ctx.read_holding_registers(map.address, n))
-                .await?
-                .into_iter()
-                .map(|w| w == map.on_value)
-                .collect(),
-        };
-        if states.len() < usize::from(n) {
-            return Err(CallError::Device(DeviceError::Malformed(format!(
-                "{} relay states for {n} outlets",
-                states.len()
-            ))));
-        }
-        Ok(states[..usize::from(n)].to_vec())
-    }
-
-    /// Reads `count` registers, in as many requests as Modbus allows.
-    async fn read_words(
-        &mut self,
-        unit: u8,
-        limit: Duration,
-        table: RegisterTable,
-        address: u16,
-        count: u16,
-    ) -> Result<Vec<u16>, CallError> {
-        let ctx = self
-            .ctx
-            .as_mut()
-            .ok_or_else(|| CallError::Link(DeviceError::Transport("not connected".into())))?;
-        ctx.set_slave(Slave(unit));
-        let latency = &self.telemetry.modbus;
-        let mut out = Vec::with_capacity(usize::from(count));
-        let mut done: u16 = 0;
-        while done < count {
-            let n = (count - done).min(MAX_READ_WORDS);
-            let addr = address.wrapping_add(done);
-            let chunk = match table {
-                RegisterTable::Input => {
-                    call(limit, latency, ctx.read_input_registers(addr, n)).await?
-                }
-                RegisterTable::Holding => {
-                    call(limit, latency, ctx.read_holding_registers(addr, n)).await?
-                }
-            };
-            if chunk.len() != usize::from(n) {
-                return Err(CallError::Device(DeviceError::Malformed(format!(
-                    "{} registers for {n}",
-                    chunk.len()
-                ))));
-            }
-            out.extend(chunk);
-            done += n;
-        }
-        Ok(out)
-    }
-
-    /// Writes whatever differs between the desired state and the relays as last read.
-    async fn actuate(&mut self) {
-        let desired = self.desired.borrow_and_update().clone();
-        let Some(want) = desired.asics else {
-            return;
-        };
+    /// Writes every order newer than the last one carried out for each PDU.
+    async fn carry_out_orders(&mut self) {
+        let orders = self.orders.borrow_and_update().clone();
         for i in 0..self.pdus.len() {
             if self.ctx.is_none() {
                 return;
             }
-            if self.backing_off(DeviceId::Pdu(self.pdus[i].id)) {
+            let pdu = self.pdus[i];
+            let Some(order) = orders.get(pdu).cloned() else {
+                continue;
+            };
+            if order.id <= self.done[i] {
                 continue;
             }
-            if let Err(e) = self.write_pdu(i, &want).await {
-                let pdu = self.pdus[i].id;
-                self.device_failed(DeviceId::Pdu(pdu), e).await;
-            }
-        }
-    }
-
-    /// Writes the runs of one PDU that need it.
-    async fn write_pdu(&mut self, i: usize, want: &[bool]) -> Result<(), CallError> {
-        // The site is shared and read-only: hold it by Arc rather than copying the PDU.
-        let site = self.site.clone();
-        let p = site.pdu(self.pdus[i].id);
-        let relays = p.profile.relays;
-        let (unit, limit) = (p.endpoint.unit_id, p.endpoint.timeout);
-        let retry_after = self.timing.verify_grace;
-        let now = Instant::now();
-        let plan = &self.pdus[i];
-        // An outlet needs writing if it differs from what was read and no write for the same
-        // state is still waiting to take effect.
-        let needs = |asic: AsicId, outlet: u16| -> Option<bool> {
-            let target = *want.get(asic.0 as usize)?;
-            let seen = plan
-                .relays
-                .as_ref()
-                .and_then(|r| r.get(usize::from(outlet) - 1).copied());
-            // What the relay should be now: the last write not yet read back, else the reading.
-            let pending = plan.unverified.get(&outlet);
-            if pending.map(|(w, _)| *w).or(seen) != Some(target) {
-                return Some(target);
-            }
-            match pending {
-                // Written but still not seen to follow: write again (a lost or ignored write).
-                Some((_, since)) if now.duration_since(*since) >= retry_after => Some(target),
-                _ => None,
-            }
-        };
-        let mut writes: Vec<(u16, Vec<bool>)> = Vec::new();
-        for run in &plan.runs {
-            let outlets = (run.first_outlet..).zip(&run.asics);
-            let changed: Vec<(u16, bool)> = outlets
-                .clone()
-                .filter_map(|(o, a)| Some((o, needs(*a, o)?)))
-                .collect();
-            if changed.is_empty() {
-                continue;
-            }
-            match relays.write {
-                WriteMode::Multiple => {
-                    // The whole run, absolute: outlets that already agree are written unchanged.
-                    let states = outlets
-                        .map(|(_, a)| want.get(a.0 as usize).copied().unwrap_or(true))
-                        .collect();
-                    writes.push((run.first_outlet, states));
+            self.done[i] = order.id;
+            match self.write(pdu, &order).await {
+                Ok(()) => {
+                    self.report(Reading::Written {
+                        pdu,
+                        order: order.id,
+                    })
+                    .await
                 }
-                WriteMode::Single => writes.extend(changed.into_iter().map(|(o, s)| (o, vec![s]))),
-            }
-        }
-        if writes.is_empty() {
-            return Ok(());
-        }
-        let ctx = self
-            .ctx
-            .as_mut()
-            .ok_or_else(|| CallError::Link(DeviceError::Transport("not connected".into())))?;
-        ctx.set_slave(Slave(unit));
-        let latency = &self.telemetry.modbus;
-        for (first, states) in &writes {
-            let addr = relays.address + (first - 1);
-            match (relays.table, states.as_slice()) {
-                (RelayTable::Coil, [one]) if relays.write == WriteMode::Single => {
-                    call(limit, latency, ctx.write_single_coil(addr, *one)).await?
-                }
-                (RelayTable::Coil, many) => {
-                    call(limit, latency, ctx.write_multiple_coils(addr, many)).await?
-                }
-                (RelayTable::Holding, [one]) if relays.write == WriteMode::Single => {
-                    let word = if *one {
-                        relays.on_value
-                    } else {
-                        relays.off_value
-                    };
-                    call(limit, latency, ctx.write_single_register(addr, word)).await?
-                }
-                (RelayTable::Holding, many) => {
-                    let words: Vec<u16> = many
-                        .iter()
-                        .map(|s| {
-                            if *s {
-                                relays.on_value
-                            } else {
-                                relays.off_value
-                            }
-                        })
-                        .collect();
-                    call(limit, latency, ctx.write_multiple_registers(addr, &words)).await?
-                }
-            }
-        }
-        let plan = &mut self.pdus[i];
-        let at = Instant::now();
-        for (first, states) in &writes {
-            for (k, s) in states.iter().enumerate() {
-                let outlet = first + k as u16;
-                let seen = plan
-                    .relays
-                    .as_ref()
-                    .and_then(|r| r.get(usize::from(outlet) - 1).copied());
-                // The newest write is the one to verify: a write that undoes an earlier one
-                // before it was read back must not leave the earlier one waiting forever.
-                if seen == Some(*s) {
-                    plan.unverified.remove(&outlet);
-                } else {
-                    plan.unverified.insert(outlet, (*s, at));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn small() -> Site {
-        site_config::load(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../config/sites/small.toml"
-        ))
-        .unwrap()
-    }
-
-    #[test]
-    fn runs_never_cover_gpu_feeds_or_empty_outlets() {
-        let site = small();
-        let by_name = |n: &str| match site.device_by_name(n) {
-            Some(DeviceId::Pdu(p)) => p,
-            _ => panic!("{n}"),
-        };
-        assert_eq!(
-            runs(&site, by_name("pdu-gpu")),
-            vec![],
-            "a GPU PDU has nothing to write"
-        );
-        let pdu4 = runs(&site, by_name("pdu-4"));
-        assert_eq!(pdu4.len(), 1);
-        assert_eq!(
-            (pdu4[0].first_outlet, pdu4[0].asics.len()),
-            (1, 6),
-            "outlets 7-8 are empty"
-        );
-        for pdu in &site.pdus {
-            for run in runs(&site, pdu.id) {
-                for (k, asic) in run.asics.iter().enumerate() {
-                    let a = site.asic(*asic);
-                    assert_eq!((a.pdu, a.outlet), (pdu.id, run.first_outlet + k as u16));
-                    for rack in &site.gpu_racks {
-                        assert!(!rack.feeds.contains(&(pdu.id, a.outlet)));
+                Err(f) => {
+                    self.report(Reading::WriteFailed {
+                        pdu,
+                        order: order.id,
+                        error: f.error.clone(),
+                    })
+                    .await;
+                    if f.drop_link {
+                        self.link_down(f.error).await;
                     }
                 }
             }
         }
+    }
+
+    async fn write(&mut self, pdu: PduId, order: &Order) -> Result<(), Failed> {
+        let site = self.site.clone();
+        let p = site.pdu(pdu);
+        for step in protocol::order_writes(p, order) {
+            let answer = self
+                .call(p.endpoint.unit_id, p.endpoint.timeout, &step)
+                .await?;
+            protocol::check_written(&step, &answer).map_err(|error| Failed {
+                error,
+                drop_link: false,
+            })?;
+        }
+        Ok(())
     }
 }

@@ -15,8 +15,8 @@ use serde::Serialize;
 
 use crate::decide::mv::Sample;
 use crate::decide::signal::Directive;
-use crate::engine::Status;
-use crate::journal::End;
+use crate::decide::state::End;
+use crate::msg::Status;
 use crate::series::{keep_recent, round1};
 
 /// How far back the status page's chart reaches.
@@ -71,15 +71,7 @@ impl Histogram {
     }
 }
 
-/// What became of a signal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Accepted,
-    /// Malformed, out of range, expired or a replay.
-    Rejected,
-    /// On a topic the site file does not name.
-    Ignored,
-}
+pub use crate::msg::Outcome;
 
 /// The latest view of the site, for the status page.
 #[derive(Debug, Default)]

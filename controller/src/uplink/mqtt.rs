@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::engine::{Inbound, Outbound, offline_status};
+use crate::msg::{Inbound, Outbound, offline_status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -59,7 +59,7 @@ pub fn options(site: &Site, index: usize) -> Result<MqttOptions, MqttError> {
     o.set_max_packet_size(limit, limit);
     o.set_last_will(LastWill::new(
         m.status_topic.clone(),
-        offline_status(site),
+        offline_status(&site.id),
         QoS::AtLeastOnce,
         true,
     ));
@@ -247,7 +247,7 @@ async fn poll(
         site.mqtt.status_topic.clone(),
         QoS::AtLeastOnce,
         true,
-        offline_status(&site),
+        offline_status(&site.id),
     );
     let _ = client.try_disconnect();
     let flush = async {

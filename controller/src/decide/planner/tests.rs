@@ -1,5 +1,7 @@
 use super::*;
+use crate::decide::estimate::Estimator;
 use crate::decide::signal::{Action, Directive, Signal};
+use jiff::{SignedDuration, Timestamp};
 use proptest::prelude::*;
 use site_config::SignalFormat;
 use std::time::Duration;
@@ -14,33 +16,39 @@ fn site() -> Site {
 
 const T0: &str = "2026-11-22T10:00:00Z";
 
-fn at(secs: i64) -> Timestamp {
+fn wall(secs: i64) -> Timestamp {
     T0.parse::<Timestamp>().unwrap() + SignedDuration::from_secs(secs)
 }
 
-/// Steady readings: GPU racks at `gpu` kW for the last minute, 5 kW of other load.
-fn snapshot(
-    site: &Site,
-    on: impl Fn(usize) -> bool,
-    since: Option<Timestamp>,
-    gpu: f64,
-    now: Timestamp,
-) -> Snapshot {
+/// `secs` from T0 on both clocks (mono 0 at T0).
+fn at(secs: i64) -> Now {
+    Now {
+        wall: wall(secs),
+        mono: mono(secs),
+    }
+}
+
+fn mono(secs: i64) -> Mono {
+    Mono::from_nanos(secs * 1_000_000_000)
+}
+
+/// Steady readings: GPU racks at `gpu` kW and 5 kW of other load, warm estimates.
+fn snapshot(site: &Site, on: impl Fn(usize) -> bool, since: Option<Mono>, gpu: f64) -> Snapshot {
     let asics: Vec<AsicState> = (0..site.asics.len())
         .map(|i| AsicState {
             on: on(i),
             since,
             controllable: true,
+            unconfirmed: false,
         })
         .collect();
     Snapshot {
         asics,
-        gpu_kw: (0..60)
-            .map(|s| (now - SignedDuration::from_secs(60 - s), gpu))
-            .collect(),
-        other_kw: (1..=30)
-            .map(|s| (now - SignedDuration::from_secs(s), 5.0))
-            .collect(),
+        load: Load {
+            rest_kw: gpu + 5.0,
+            restore_rest_kw: gpu + 5.0,
+            restore_held: None,
+        },
         last_switch: None,
     }
 }
@@ -53,7 +61,7 @@ fn timeline(action: Action, emergency: bool) -> Timeline {
             id: "e".into(),
             interval: 0,
             action,
-            start: at(0),
+            start: wall(0),
             end: None,
             priority: 1,
             emergency,
@@ -75,7 +83,7 @@ fn off_ids(plan: &Plan) -> Vec<u32> {
 #[test]
 fn an_import_limit_sheds_lowest_class_then_least_efficient_first() {
     let site = site();
-    let snap = snapshot(&site, |_| true, None, 50.0, at(1));
+    let snap = snapshot(&site, |_| true, None, 50.0);
     let plan = plan(
         &site,
         &snap,
@@ -96,7 +104,7 @@ fn an_import_limit_sheds_lowest_class_then_least_efficient_first() {
 #[test]
 fn with_no_directive_only_the_subscription_limit_applies() {
     let site = site();
-    let snap = snapshot(&site, |_| true, None, 50.0, at(1));
+    let snap = snapshot(&site, |_| true, None, 50.0);
     let plan = plan(&site, &snap, &Timeline::new(), at(1));
     assert_eq!(plan.limit_kw, 200.0);
     assert!(off_ids(&plan).is_empty());
@@ -105,7 +113,7 @@ fn with_no_directive_only_the_subscription_limit_applies() {
 #[test]
 fn min_on_time_holds_asics_unless_the_directive_is_an_emergency() {
     let site = site();
-    let snap = snapshot(&site, |_| true, Some(at(-5)), 50.0, at(0));
+    let snap = snapshot(&site, |_| true, Some(mono(-5)), 50.0);
     let limit = Action::ImportLimit { kw: 120.0 };
     let held = plan(&site, &snap, &timeline(limit, false), at(0));
     assert!(off_ids(&held).is_empty());
@@ -116,7 +124,7 @@ fn min_on_time_holds_asics_unless_the_directive_is_an_emergency() {
     );
     assert_eq!(
         held.next_wake,
-        Some(at(5)),
+        Some(mono(5)),
         "wakes when min_on (10 s) is served"
     );
     let urgent = plan(&site, &snap, &timeline(limit, true), at(0));
@@ -129,7 +137,7 @@ fn restore_comes_in_batches_most_efficient_first_spaced_by_the_interval() {
     let site = site();
     let tl = Timeline::new();
     // Everything off for a minute; batch size 4, interval 2 s (small.toml).
-    let mut snap = snapshot(&site, |_| false, Some(at(-60)), 50.0, at(0));
+    let mut snap = snapshot(&site, |_| false, Some(mono(-60)), 50.0);
     // Table over time: (now, ids restored this cycle, next wake)
     let steps: [(i64, Vec<u32>, Option<i64>); 4] = [
         (0, vec![24, 25, 26, 27], Some(2)),
@@ -148,14 +156,15 @@ fn restore_comes_in_batches_most_efficient_first_spaced_by_the_interval() {
             })
             .collect();
         assert_eq!(restored, ids, "at {now}s");
-        assert_eq!(p.next_wake, wake.map(at), "at {now}s");
+        assert_eq!(p.next_wake, wake.map(mono), "at {now}s");
         if !restored.is_empty() {
-            snap.last_switch = Some(at(now));
+            snap.last_switch = Some(mono(now));
             for id in &restored {
                 snap.asics[*id as usize] = AsicState {
                     on: true,
-                    since: Some(at(now)),
+                    since: Some(mono(now)),
                     controllable: true,
+                    unconfirmed: false,
                 };
             }
         }
@@ -166,7 +175,7 @@ fn restore_comes_in_batches_most_efficient_first_spaced_by_the_interval() {
 #[test]
 fn restore_order_is_class_then_efficiency() {
     let site = site();
-    let snap = snapshot(&site, |_| false, None, 50.0, at(0));
+    let snap = snapshot(&site, |_| false, None, 50.0);
     let p = plan(&site, &snap, &Timeline::new(), at(0));
     let mut on: Vec<u32> = p.changes(&snap).map(|(id, _)| id.0).collect();
     on.sort();
@@ -183,7 +192,7 @@ fn restore_never_goes_past_the_limit_and_keeps_a_deadband() {
     // 15 S19j Pros and 3 S19 XPs on: 57.78 kW. Limit 125: budget 67 kW, room 9.22 kW, of
     // which 2.5 kW (2 % of the limit) is kept free: the most efficient that fit come back.
     let on = |i: usize| (0..=14).contains(&i) || (16..=18).contains(&i);
-    let snap = snapshot(&site, on, None, 50.0, at(0));
+    let snap = snapshot(&site, on, None, 50.0);
     let limit = timeline(Action::ImportLimit { kw: 125.0 }, false);
     let p = plan(&site, &snap, &limit, at(0));
     // (A 3.01 kW S19 XP still fits in what is left.)
@@ -195,79 +204,54 @@ fn restore_never_goes_past_the_limit_and_keeps_a_deadband() {
 }
 
 #[test]
-fn readings_wobbling_around_the_budget_do_not_switch_an_asic_back_and_forth() {
+fn a_swinging_site_is_shed_once_for_its_crests_and_then_nothing_toggles() {
     let site = site();
     let limit = timeline(Action::ImportLimit { kw: 120.0 }, false);
-    let mut snap = snapshot(&site, |_| true, None, 50.0, at(0));
+    let window = site.policy.gpu_peak_window;
+    let mut estimator = Estimator::new(window, site.policy.poll_interval);
+    // GPU racks swinging 40..70 kW with 5 kW of other load, and ±1.5 kW of meter noise.
+    let rest = |k: i64| {
+        let swing = if k % 3 == 0 { 70.0 } else { 40.0 };
+        let noise = if k % 2 == 0 { 1.5 } else { -1.5 };
+        swing + 5.0 + noise
+    };
+    for k in -40..=0 {
+        estimator.rest(mono(k), rest(k), rest(k));
+    }
+    let mut snap = snapshot(&site, |_| true, None, 50.0);
+    snap.load = estimator.load(mono(0), 80.0, true);
     let first = plan(&site, &snap, &limit, at(0));
+    assert!(first.switched_off > 0);
     for (i, on) in first.desired.iter().enumerate() {
         snap.asics[i].on = *on;
     }
-    // Other-load estimates wobble by ±1.5 kW from cycle to cycle, with a 15 kW spike now and
-    // then (meter and outlets read at different instants while relays switch).
     let mut switched = 0;
-    for k in 1..40 {
-        let wobble = if k % 7 == 0 {
-            15.0
-        } else if k % 2 == 0 {
-            1.5
-        } else {
-            -1.5
-        };
-        snap.other_kw.push((at(k), 5.0 + wobble));
-        snap.gpu_kw.push((at(k), 50.0));
+    for k in 1..120 {
+        estimator.rest(mono(k), rest(k), rest(k));
+        snap.load = estimator.load(mono(k), 80.0, true);
         let p = plan(&site, &snap, &limit, at(k));
         switched += p.changes(&snap).count();
         for (i, on) in p.desired.iter().enumerate() {
             snap.asics[i].on = *on;
         }
     }
-    assert!(
-        switched <= 1,
-        "{switched} switches while the readings only wobbled"
-    );
+    assert_eq!(switched, 0, "ASICs followed the swings");
 }
 
 #[test]
-fn the_gpu_peak_over_the_window_sets_the_budget_and_old_samples_are_forgotten() {
+fn the_peak_of_the_rest_of_the_site_sets_the_budget() {
     let site = site();
-    let mut snap = snapshot(&site, |_| true, None, 40.0, at(0));
-    // A training swing: 40..60 kW at about 1 Hz, plus a 90 kW spike 40 s ago (window is 30 s).
-    snap.gpu_kw = (0..60)
-        .map(|s| {
-            (
-                at(s - 60),
-                if s == 20 {
-                    90.0
-                } else if s % 2 == 0 {
-                    60.0
-                } else {
-                    40.0
-                },
-            )
-        })
-        .collect();
-    let p = plan(
-        &site,
-        &snap,
-        &timeline(Action::ImportLimit { kw: 150.0 }, false),
-        at(0),
-    );
-    assert_eq!(p.gpu_peak_kw, 60.0);
-    snap.gpu_kw.clear();
-    let p = plan(
-        &site,
-        &snap,
-        &timeline(Action::ImportLimit { kw: 150.0 }, false),
-        at(0),
-    );
-    assert_eq!(p.gpu_peak_kw, 80.0, "no samples: assume the racks' rating");
+    let limit = timeline(Action::ImportLimit { kw: 150.0 }, false);
+    let low = plan(&site, &snapshot(&site, |_| true, None, 40.0), &limit, at(0));
+    let high = plan(&site, &snapshot(&site, |_| true, None, 60.0), &limit, at(0));
+    assert_eq!(low.rest_kw, 45.0);
+    assert!((low.budget_kw - high.budget_kw - 20.0).abs() < 1e-9);
 }
 
 #[test]
 fn shed_kw_keeps_that_much_rated_load_off() {
     let site = site();
-    let snap = snapshot(&site, |_| true, None, 50.0, at(0));
+    let snap = snapshot(&site, |_| true, None, 50.0);
     let p = plan(
         &site,
         &snap,
@@ -284,7 +268,7 @@ fn shed_kw_keeps_that_much_rated_load_off() {
 #[test]
 fn shed_all_with_a_faulted_pdu_reports_the_shortfall_and_touches_nothing_else() {
     let site = site();
-    let mut snap = snapshot(&site, |_| true, None, 50.0, at(0));
+    let mut snap = snapshot(&site, |_| true, None, 50.0);
     for i in 16..=23 {
         snap.asics[i].controllable = false; // pdu-3 does not answer
     }
@@ -309,7 +293,7 @@ fn shed_all_with_a_faulted_pdu_reports_the_shortfall_and_touches_nothing_else() 
 #[test]
 fn when_asics_cannot_meet_the_limit_all_are_shed_and_the_gap_reported() {
     let site = site();
-    let snap = snapshot(&site, |_| true, None, 50.0, at(0));
+    let snap = snapshot(&site, |_| true, None, 50.0);
     let p = plan(
         &site,
         &snap,
@@ -331,15 +315,15 @@ fn the_plan_wakes_for_the_next_timeline_change() {
             id: "later".into(),
             interval: 0,
             action: Action::ShedAll,
-            start: at(300),
-            end: Some(at(900)),
+            start: wall(300),
+            end: Some(wall(900)),
             priority: 1,
             emergency: false,
             format: SignalFormat::Native,
         }],
     });
-    let snap = snapshot(&site, |_| true, None, 50.0, at(0));
-    assert_eq!(plan(&site, &snap, &tl, at(0)).next_wake, Some(at(300)));
+    let snap = snapshot(&site, |_| true, None, 50.0);
+    assert_eq!(plan(&site, &snap, &tl, at(0)).next_wake, Some(mono(300)));
     assert_eq!(
         plan(&site, &snap, &tl, at(300))
             .desired
@@ -363,8 +347,8 @@ proptest! {
     ) {
         let site = site();
         let now = at(100);
-        let since = if emergency { Some(now - SignedDuration::from_secs(held_secs)) } else { None };
-        let snap = snapshot(&site, |i| on[i], since, gpu, now);
+        let since = if emergency { Some(now.mono - Duration::from_secs(held_secs as u64)) } else { None };
+        let snap = snapshot(&site, |i| on[i], since, gpu);
         let p = plan(&site, &snap, &timeline(Action::ImportLimit { kw: limit }, emergency), now);
         prop_assert!(p.planned_asic_kw <= p.budget_kw.max(0.0) + 1e-6,
             "planned {} kW over budget {} kW", p.planned_asic_kw, p.budget_kw);
@@ -380,7 +364,7 @@ proptest! {
     ) {
         let site = site();
         let now = at(secs);
-        let mut snap = snapshot(&site, |i| on[i], Some(at(-7)), 45.0, now);
+        let mut snap = snapshot(&site, |i| on[i], Some(mono(-7)), 45.0);
         for (s, c) in snap.asics.iter_mut().zip(&controllable) {
             s.controllable = *c;
         }
@@ -400,51 +384,49 @@ proptest! {
 fn nothing_comes_back_within_the_restore_interval_after_a_shed() {
     let site = site();
     // Everything off long enough, but the last switch (a shed) was 1 s ago; interval 2 s.
-    let mut snap = snapshot(&site, |_| false, Some(at(-60)), 50.0, at(0));
-    snap.last_switch = Some(at(-1));
+    let mut snap = snapshot(&site, |_| false, Some(mono(-60)), 50.0);
+    snap.last_switch = Some(mono(-1));
     let p = plan(&site, &snap, &Timeline::new(), at(0));
     assert_eq!(p.changes(&snap).count(), 0);
-    assert_eq!(p.next_wake, Some(at(1)));
+    assert_eq!(p.next_wake, Some(mono(1)));
 }
 
 #[test]
-fn nothing_is_restored_until_the_other_load_estimate_is_warm() {
+fn nothing_is_restored_while_the_estimate_says_so_but_sheds_go_ahead() {
     let site = site();
-    let restores = |snap: &Snapshot| {
-        plan(&site, snap, &Timeline::new(), at(0))
-            .changes(snap)
-            .count()
-    };
-    // small.toml's window is 30 s: estimates must reach 15 s back, and be at least five.
-    let mut snap = snapshot(&site, |_| false, None, 50.0, at(0));
-    snap.other_kw = (1..=14).map(|s| (at(-s), 5.0)).collect();
-    assert_eq!(restores(&snap), 0, "too young");
-    snap.other_kw = vec![(at(-20), 5.0), (at(-1), 5.0)];
-    assert_eq!(restores(&snap), 0, "too few");
-    snap.other_kw = (1..=15).map(|s| (at(-s), 5.0)).collect();
-    assert!(restores(&snap) > 0);
-}
-
-#[test]
-fn noisy_other_load_estimates_widen_the_restore_deadband() {
-    let site = site();
-    let mut snap = snapshot(&site, |i| i < 20, None, 50.0, at(0));
-    let quiet = plan(&site, &snap, &Timeline::new(), at(0)).planned_asic_kw;
-    // Same mean (5 kW), but single estimates scattered by ±6 kW.
-    snap.other_kw = (1..=16)
-        .map(|s| (at(-s), if s % 2 == 0 { 11.0 } else { -1.0 }))
-        .collect();
-    assert!(estimate_noise_kw(&snap.other_kw, at(0), Duration::from_secs(30)) > 4.0);
-    let limit = timeline(Action::ImportLimit { kw: 140.0 }, false);
-    let noisy = plan(&site, &snap, &limit, at(0));
-    let calm = {
-        let mut s = snap.clone();
-        s.other_kw = (1..=16).map(|s| (at(-s), 5.0)).collect();
-        plan(&site, &s, &limit, at(0))
-    };
-    assert!(
-        noisy.planned_asic_kw < calm.planned_asic_kw,
-        "noise leaves more room"
+    let mut snap = snapshot(&site, |_| false, None, 50.0);
+    snap.load.restore_held = Some(Hold::EstimateWarmingUp);
+    let p = plan(&site, &snap, &Timeline::new(), at(0));
+    assert_eq!(p.changes(&snap).count(), 0);
+    assert_eq!(p.held, Some(Hold::EstimateWarmingUp));
+    let mut snap = snapshot(&site, |_| true, None, 50.0);
+    snap.load.restore_held = Some(Hold::SiteMeterSilent);
+    let shed = plan(
+        &site,
+        &snap,
+        &timeline(Action::ImportLimit { kw: 120.0 }, false),
+        at(0),
     );
-    assert!(quiet > 0.0);
+    assert_eq!(shed.switched_off, 15, "a shed never waits for the estimate");
+}
+
+#[test]
+fn asics_on_their_way_off_count_as_off_but_their_room_is_not_restored_into() {
+    let site = site();
+    // Half the fleet commanded off and not yet seen off; the other half long off.
+    let mut snap = snapshot(&site, |_| false, Some(mono(-60)), 50.0);
+    for s in snap.asics.iter_mut().take(17) {
+        s.unconfirmed = true;
+    }
+    // Limit 120: budget 62 kW, of which the 17 on their way off hold about 53.
+    let limit = timeline(Action::ImportLimit { kw: 120.0 }, false);
+    let p = plan(&site, &snap, &limit, at(0));
+    let confirmed = snapshot(&site, |_| false, Some(mono(-60)), 50.0);
+    let room_without = plan(&site, &confirmed, &limit, at(0));
+    assert_eq!(room_without.restored, 4, "a full batch");
+    assert!(
+        p.restored < room_without.restored,
+        "restored {} into room that is not confirmed",
+        p.restored
+    );
 }
