@@ -248,12 +248,14 @@ pub fn open(
         file.set_len(length)
             .map_err(fail("cut off a torn last line"))?;
     }
-    let mut state = recovered.state.clone();
-    state.replay.forget_old(now);
+    // What the engine resumes and what the new file's checkpoint says must be one state.
+    recovered.state.replay.forget_old(now);
+    let state = recovered.state.clone();
     let mut files = Files {
         path: path.clone(),
         file,
         len: length,
+        base: 0,
         max_bytes: config.max_bytes,
         keep: config.keep,
         site: site.to_owned(),
@@ -300,6 +302,10 @@ struct Files {
     file: File,
     /// Bytes in the live file.
     len: u64,
+    /// Bytes of the checkpoint the live file began with: a file is full once it holds
+    /// `max_bytes` beyond it, so a checkpoint larger than `max_bytes` (many ended ids under a
+    /// small `max_mb`) cannot make every record rotate again.
+    base: u64,
     max_bytes: u64,
     keep: u32,
     site: String,
@@ -353,6 +359,7 @@ impl Files {
         }
         self.file = OpenOptions::new().append(true).open(&self.path)?;
         self.len = line.len() as u64;
+        self.base = self.len;
         Ok(())
     }
 }
@@ -396,7 +403,7 @@ fn write_loop(
         for r in &batch {
             state.apply(r);
             line(&mut buf, r);
-            if files.len + buf.len() as u64 > files.max_bytes {
+            if files.len + buf.len() as u64 > files.base + files.max_bytes {
                 result = result.and(files.write(&buf));
                 buf.clear();
                 if let Err(e) = files.rotate(&state) {
@@ -663,6 +670,7 @@ mod tests {
             path: PathBuf::from("/dev/full"),
             file,
             len: 0,
+            base: 0,
             max_bytes: 1 << 20,
             keep: 1,
             site: "demo".into(),
@@ -686,6 +694,38 @@ mod tests {
             ran.try_iter().collect::<Vec<_>>(),
             (0..10).collect::<Vec<_>>()
         );
+    }
+
+    /// Regression (the deterministic simulation: a rotation storm): a checkpoint larger than
+    /// `max_bytes` (many ended ids under a small `max_mb`) made every record rotate again and
+    /// write the whole state anew.
+    #[test]
+    fn a_checkpoint_larger_than_the_file_limit_does_not_rotate_at_every_record() {
+        let path = dir("storm").join("j.jsonl");
+        let mut many = Vec::new();
+        for k in 0..200 {
+            many.push(accepted(&format!("evt-{k}"), "10:00"));
+            many.push(completed(&format!("evt-{k}"), "10:01", End::Released));
+        }
+        write_all(&config(path.clone(), 1 << 20), many);
+        let mut cfg = config(path.clone(), 2_000);
+        cfg.keep = 50;
+        let rotated_before = files(&path).len();
+        let (tx, writer, _) = open(&cfg, "demo", t("10:02")).unwrap();
+        for k in 0..30u16 {
+            tx.record(Record::Meters {
+                at: t("10:03"),
+                site_kw: Some(f64::from(k)),
+                asic_kw: None,
+                gpu_kw: None,
+                limit_kw: 120.0,
+                shed_kw: 0.0,
+            });
+        }
+        drop(tx);
+        writer.finish();
+        let rotations = files(&path).len() - rotated_before;
+        assert!(rotations <= 4, "{rotations} rotations for 30 small records");
     }
 
     #[test]
