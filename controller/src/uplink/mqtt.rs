@@ -195,8 +195,12 @@ async fn poll(
                     topic: p.topic,
                     payload: p.payload.to_vec(),
                 };
-                if inbound.try_send(msg).is_err() {
-                    warn!("signal queue full; signal dropped (the engine is overloaded)");
+                // Back-pressure, never a drop: while the engine is behind, the event loop
+                // waits here, so the broker holds the rest of a burst (it has already
+                // delivered this one, which nothing else would remember).
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    sent = inbound.send(msg) => if sent.is_err() { break },
                 }
             }
             Ok(_) => {}
