@@ -98,8 +98,8 @@ pub enum DeviceError {
     #[error("outlets {outlets:?} read off but draw power")]
     ReadsOffButDraws { outlets: Vec<u16> },
     /// A meter that keeps answering with the very same value: a stuck register or firmware.
-    #[error("the same reading ({kw} kW) for {reads} reads in a row: the meter seems frozen")]
-    Frozen { kw: f64_bits::Kw, reads: u32 },
+    #[error("the very same reading ({kw} kW) read after read: the meter seems frozen")]
+    Frozen { kw: f64_bits::Kw },
 }
 
 impl DeviceError {

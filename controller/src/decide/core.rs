@@ -111,6 +111,14 @@ pub enum AckStatus {
 /// The id under which the `curtail` stale-signal policy holds its directive.
 pub const STALE_ID: &str = "stale-signal";
 
+/// A change of the wall clock's lead over the monotonic one larger than this is a jump.
+const CLOCK_JUMP: SignedDuration = SignedDuration::from_secs(1);
+
+/// How far the wall clock is ahead of the monotonic one.
+fn wall_lead(now: Now) -> SignedDuration {
+    now.wall.duration_since(Timestamp::UNIX_EPOCH) - SignedDuration::from_nanos(now.mono.as_nanos())
+}
+
 /// How soon a plan follows a change of device state (signals plan at once).
 const STATE_REPLAN: Duration = Duration::from_millis(100);
 
@@ -121,12 +129,27 @@ const SAMPLES_KEPT: Duration = Duration::from_secs(61 * 60);
 /// a rack under load never does (its meter's last digits move).
 const FROZEN_READS: u32 = 30;
 
+/// The site meter reading the very same value while the ASICs and GPU racks it sums moved by
+/// more than this (kW), this many times in a row, is frozen. (A meter that freezes while
+/// nothing the controller sees moves cannot be told from a steady site; it is caught at the
+/// next switch or swing.)
+const FROZEN_SITE_KW: f64 = 1.0;
+const FROZEN_SITE_READS: u32 = 3;
+/// ... counted from the reading two polls after its value stopped changing (the site meter is
+/// read four times a poll): by then every outlet has been read since, so readings that were
+/// only late to catch up with a switch the meter already showed do not count as movement.
+const FROZEN_SITE_BASE: u32 = 8;
+
 /// What is known of one meter.
 #[derive(Debug, Clone, Copy, Default)]
 struct MeterTrack {
     kw: Option<f64>,
     /// Identical readings in a row.
     repeats: u32,
+    /// For the site meter: the ASICs' power when its reading last changed.
+    asic_kw_then: Option<f64>,
+    /// Found frozen: it stays so until its reading changes (standing still proves nothing).
+    frozen: bool,
 }
 
 /// An event being measured: from its start (or its arrival, if later) until it completes.
@@ -222,6 +245,19 @@ pub struct Core {
     mv: mv::Settings,
     last_status: Option<Status>,
     last_status_at: Option<Mono>,
+    /// Something that status shows may have changed since it was last looked at.
+    status_dirty: bool,
+    /// Every device was heard (once true, for good).
+    all_heard: bool,
+    /// Per PDU: readable when last looked at (what the estimate subtracts for its ASICs
+    /// changes basis when this flips).
+    pdu_readable: Vec<bool>,
+    /// When PDUs whose writes failed may be tried again, ascending (kept as health changes).
+    retries: Vec<Mono>,
+    /// When the first event held ends (kept as the timeline changes).
+    first_end: Option<Timestamp>,
+    /// The wall clock's lead over the monotonic one, as last seen: a change is a clock jump.
+    wall_lead: SignedDuration,
     effects: Vec<Effect>,
 }
 
@@ -275,10 +311,22 @@ impl Core {
             mv: mv::Settings::for_site(&site),
             last_status: None,
             last_status_at: None,
+            status_dirty: true,
+            all_heard: false,
+            pdu_readable: vec![false; site.pdus.len()],
+            retries: Vec::new(),
+            first_end: None,
+            wall_lead: wall_lead(now),
             effects: Vec::new(),
             state,
             site,
         }
+        .with_caches()
+    }
+
+    fn with_caches(mut self) -> Core {
+        self.first_end = self.state.timeline.first_end();
+        self
     }
 
     /// Everything decided since the last call, in order.
@@ -331,12 +379,14 @@ impl Core {
 
     /// Takes in one input at `now`.
     pub fn input(&mut self, now: Now, input: Input) {
+        self.watch_clock(now);
         match input {
             Input::Signal { topic, payload } => self.on_signal(now, &topic, &payload),
             Input::BrokerConnected => {
                 // The broker may have published our last will, and acks sent while it was
                 // away are lost: say again what is in force.
                 self.last_status = None;
+                self.status_dirty = true;
                 for id in self.announced.clone() {
                     self.ack(now, Some(id), AckStatus::Active, None);
                 }
@@ -349,9 +399,12 @@ impl Core {
     /// Does what is due at `now`: ends expired events, applies the stale-signal policy,
     /// plans, orders, announces, and publishes status.
     pub fn tick(&mut self, now: Now) {
+        self.watch_clock(now);
         self.apply_stale_policy(now);
-        for id in self.state.timeline.ended_by(now.wall) {
-            self.complete(now, &id, End::Expired);
+        if self.first_end.is_some_and(|t| t <= now.wall) {
+            for id in self.state.timeline.ended_by(now.wall) {
+                self.complete(now, &id, End::Expired);
+            }
         }
         if self.meters_due.is_some_and(|t| now.mono >= t) {
             self.record_meters(now);
@@ -371,14 +424,32 @@ impl Core {
             if self.orders_dirty || due(self.retry_due(self.orders_at)) {
                 self.issue_orders(now.mono);
             }
-            self.check_confirmed(now);
-            for id in self.state.timeline.in_force(now.wall).events {
-                if self.announced.insert(id.clone()) {
-                    self.ack(now, Some(id), AckStatus::Active, None);
+            if self.pending.is_some() {
+                self.check_confirmed(now);
+            }
+            if planned {
+                for id in self.state.timeline.in_force(now.wall).events {
+                    if self.announced.insert(id.clone()) {
+                        self.ack(now, Some(id), AckStatus::Active, None);
+                    }
                 }
             }
         }
         self.publish_status(now, planned);
+    }
+
+    /// A wall clock that jumped (NTP) moves when directives start and end: the wake-up planned
+    /// for the next start or end was reckoned on the old clock, so plan again now.
+    fn watch_clock(&mut self, now: Now) {
+        let lead = wall_lead(now);
+        let jump = lead - self.wall_lead;
+        if jump.abs() > CLOCK_JUMP {
+            warn!(jump = ?jump, "the wall clock jumped; directives are read on the new clock");
+            self.wall_lead = lead;
+            self.replan_at = Some(now.mono);
+            self.status_dirty = true;
+            self.first_end = self.state.timeline.first_end();
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -448,6 +519,8 @@ impl Core {
     /// Applies a record to the state and journals it.
     fn commit(&mut self, record: Record) -> Applied {
         let applied = self.state.apply(&record);
+        self.status_dirty = true;
+        self.first_end = self.state.timeline.first_end();
         self.effects.push(Effect::Record(record));
         applied
     }
@@ -652,6 +725,22 @@ impl Core {
 
     /// A device's shown fault changed: journal it, plan soon, look at the orders again.
     fn health_changed(&mut self, now: Now, device: DeviceId, change: Change) {
+        if !self.all_heard {
+            self.all_heard = self.health.iter().all(Health::heard);
+        }
+        if let DeviceId::Pdu(p) = device {
+            let readable = self.health[p.0 as usize].readable();
+            if let Some(was) = self.pdu_readable.get_mut(p.0 as usize)
+                && *was != readable
+            {
+                *was = readable;
+                self.estimator.rebase(now.mono);
+            }
+        }
+        if change == Change::None {
+            return;
+        }
+        self.status_dirty = true;
         let name = self.site.device_name(device).to_owned();
         match change {
             Change::None => return,
@@ -703,6 +792,7 @@ impl Core {
                     return;
                 }
                 let change = self.health[pdu.0 as usize].write_failed(error, now.mono);
+                self.refresh_retries();
                 self.fleet.release(pdu);
                 self.health_changed(now, DeviceId::Pdu(pdu), change);
                 // Another plan covers for it, even if the fault shown did not change.
@@ -730,6 +820,7 @@ impl Core {
         };
         if let Some(error) = error {
             let change = self.health[i].write_failed(error, now.mono);
+            self.refresh_retries();
             self.fleet.release(pdu);
             self.health_changed(now, DeviceId::Pdu(pdu), change);
             self.replan_soon(now.mono);
@@ -739,6 +830,8 @@ impl Core {
     fn on_meter(&mut self, now: Now, meter: MeterId, kw: f64) {
         let site = self.site.clone();
         let device = DeviceId::Meter(meter);
+        // The ASICs' power, once per site reading (what it is compared with and sampled by).
+        let asic_kw = (meter == site.site_meter).then(|| self.asic_estimate_kw(now.mono));
         let i = self.index(device);
         let is_gpu = site.gpu_racks.iter().any(|g| g.meter == meter);
         let Some(track) = self.meters.get_mut(meter.0 as usize) else {
@@ -747,19 +840,41 @@ impl Core {
         let repeated = track.kw.is_some_and(|k| k.to_bits() == kw.to_bits()) && kw != 0.0;
         track.repeats = if repeated { track.repeats + 1 } else { 0 };
         track.kw = Some(kw);
-        let frozen = is_gpu && track.repeats + 1 >= FROZEN_READS;
+        let repeats = track.repeats;
+        // A GPU rack under load never reads the very same value for long; the site meter
+        // must move when the ASICs it sums do.
+        let frozen = if is_gpu {
+            repeats + 1 >= FROZEN_READS
+        } else if meter == site.site_meter {
+            // What the controller sees of what the site meter sums.
+            let seen_kw = asic_kw.map(|a| a + self.gpu_allowance_kw());
+            let track = &mut self.meters[meter.0 as usize];
+            if repeats == 0 {
+                track.asic_kw_then = None;
+            } else if repeats == FROZEN_SITE_BASE {
+                track.asic_kw_then = seen_kw;
+            }
+            let moved = match (seen_kw, track.asic_kw_then) {
+                (Some(a), Some(b)) => (a - b).abs() > FROZEN_SITE_KW,
+                _ => false,
+            };
+            track.frozen = repeats > 0
+                && (track.frozen || (repeats >= FROZEN_SITE_BASE + FROZEN_SITE_READS && moved));
+            track.frozen
+        } else {
+            false
+        };
         let change = if frozen {
             self.health[i].read_failed(DeviceError::Frozen {
                 kw: crate::msg::f64_bits::Kw(kw),
-                reads: track.repeats + 1,
             })
         } else {
             self.health[i].read_ok()
         };
         self.health_changed(now, device, change);
-        if meter == site.site_meter {
-            self.sample_rest(now.mono);
-            let s = self.reading(now);
+        if let Some(asic_kw) = asic_kw {
+            self.sample_rest(now.mono, asic_kw);
+            let s = self.reading(now, self.asic_kw_shown(asic_kw));
             self.take_sample(s);
         }
         self.replan_by_poll(now.mono);
@@ -781,7 +896,7 @@ impl Core {
     /// One sample of the rest of the site (site meter − ASICs) from the site reading just
     /// taken. Outlet readings are older than it; what is subtracted for ASICs on their way on
     /// (their rating) makes that skew err low, which the peak over the window ignores.
-    fn sample_rest(&mut self, now: Mono) {
+    fn sample_rest(&mut self, now: Mono, asic_kw: f64) {
         let Some(site_kw) = self.site_kw() else {
             return;
         };
@@ -795,16 +910,6 @@ impl Core {
         if !gpu_heard {
             return;
         }
-        let asic_kw: f64 = self
-            .site
-            .asics
-            .iter()
-            .map(|a| {
-                self.fleet
-                    .estimate_w(a.id, self.health[a.pdu.0 as usize].readable(), now)
-            })
-            .sum::<f64>()
-            / 1000.0;
         // Each GPU rack at its rating instead of its reading; a rack whose meter has not
         // answered is inside the site reading as it is, and its whole rating goes on top.
         let headroom_kw: f64 = self
@@ -838,7 +943,15 @@ impl Core {
             match &mut t.meter {
                 Some(m) => m.add(&s),
                 None => {
-                    let Some(start) = t.measure_from().filter(|start| at >= *start) else {
+                    // No earlier than the first reading held: an event resumed from the journal
+                    // has no arrival time, and maestro's curtailment starts at the epoch (so
+                    // that its re-sends are identical).
+                    let kept_from = self.samples.front().map_or(at, |s| s.at);
+                    let Some(start) = t
+                        .measure_from()
+                        .map(|start| start.max(kept_from))
+                        .filter(|start| at >= *start)
+                    else {
                         continue;
                     };
                     let mut m = mv::Meter::begin(id, &t.directives, start, &self.samples, self.mv);
@@ -853,11 +966,11 @@ impl Core {
     }
 
     /// The whole site as last read.
-    fn reading(&self, now: Now) -> Sample {
+    fn reading(&self, now: Now, asic_kw: Option<f64>) -> Sample {
         Sample {
             at: now.wall,
             site_kw: self.site_kw(),
-            asic_kw: self.asic_kw(now.mono),
+            asic_kw,
             gpu_kw: self.gpu_kw(),
             limit_kw: self
                 .last_plan
@@ -875,26 +988,31 @@ impl Core {
     }
 
     /// The ASICs' power: measured where their PDU answers, assumed where it does not.
-    fn asic_kw(&self, now: Mono) -> Option<f64> {
+    fn asic_estimate_kw(&self, now: Mono) -> f64 {
+        self.site
+            .pdus
+            .iter()
+            .map(|p| {
+                self.fleet
+                    .pdu_estimate_w(p.id, self.health[p.id.0 as usize].readable(), now)
+            })
+            .sum::<f64>()
+            / 1000.0
+    }
+
+    /// `estimate_kw` as shown: none while no PDU answers (it would be all assumption).
+    fn asic_kw_shown(&self, estimate_kw: f64) -> Option<f64> {
         let any_read = self
             .site
             .pdus
             .iter()
             .any(|p| self.health[p.id.0 as usize].readable());
-        if !any_read && !self.site.asics.is_empty() {
-            return None;
-        }
-        Some(
-            self.site
-                .asics
-                .iter()
-                .map(|a| {
-                    self.fleet
-                        .estimate_w(a.id, self.health[a.pdu.0 as usize].readable(), now)
-                })
-                .sum::<f64>()
-                / 1000.0,
-        )
+        (any_read || self.site.asics.is_empty()).then_some(estimate_kw)
+    }
+
+    /// The ASICs' power as shown (see [`Core::asic_kw_shown`]).
+    fn asic_kw(&self, now: Mono) -> Option<f64> {
+        self.asic_kw_shown(self.asic_estimate_kw(now))
     }
 
     /// The GPU racks' power: read, or their rating where the meter cannot be read.
@@ -916,7 +1034,7 @@ impl Core {
     /// Every device answered or failed once, and the site meter, if it answers, has given a
     /// sample of the rest of the site: the outlets' state and the site's load are known.
     fn ready_by_answers(&self) -> bool {
-        self.health.iter().all(Health::heard)
+        self.all_heard
             && (self.estimator.knows_rest() || !self.meter_readable(self.site.site_meter))
     }
 
@@ -935,14 +1053,20 @@ impl Core {
         self.ready_by_answers() || now.elapsed(self.started, self.startup_grace())
     }
 
-    /// The first time after `after` at which a PDU whose writes failed may be tried again.
-    fn retry_due(&self, after: Mono) -> Option<Mono> {
-        self.health
+    /// Keeps [`Core::retries`] as the PDUs' write faults change.
+    fn refresh_retries(&mut self) {
+        self.retries = self
+            .health
             .iter()
             .take(self.site.pdus.len())
             .filter_map(Health::retry_time)
-            .filter(|t| *t > after)
-            .min()
+            .collect();
+        self.retries.sort();
+    }
+
+    /// The first time after `after` at which a PDU whose writes failed may be tried again.
+    fn retry_due(&self, after: Mono) -> Option<Mono> {
+        self.retries.iter().copied().find(|t| *t > after)
     }
 
     fn snapshot(&self, now: Mono, wall: Timestamp) -> Snapshot {
@@ -1142,10 +1266,10 @@ impl Core {
         let mut estimated = Vec::new();
         for d in self.site.devices() {
             let h = &self.health[self.index(d)];
-            if let Some(e) = h.fault() {
+            if let Some(reason) = h.fault_text() {
                 faulted.push(Fault {
                     device: self.site.device_name(d).to_owned(),
-                    reason: e.to_string(),
+                    reason: reason.to_owned(),
                 });
             }
             if !h.readable() {
@@ -1183,21 +1307,15 @@ impl Core {
         let due = self
             .last_status_at
             .is_none_or(|t| now.mono.elapsed(t, self.site.mqtt.status_interval));
+        if !(due || planned || self.status_dirty) {
+            return;
+        }
+        self.status_dirty = false;
         let status = self.status(now);
-        let material = |s: &Status| {
-            (
-                s.limit_kw.to_bits(),
-                s.shed_kw.to_bits(),
-                s.asics_on,
-                s.directives.clone(),
-                s.faulted.clone(),
-                s.shortfall_kw.to_bits(),
-            )
-        };
         let changed = self
             .last_status
             .as_ref()
-            .is_none_or(|l| material(l) != material(&status));
+            .is_none_or(|last| !same_material(last, &status));
         let publish = changed || due;
         if !(publish || planned) {
             return;
@@ -1219,6 +1337,17 @@ impl Core {
             self.last_status_at = Some(now.mono);
         }
     }
+}
+
+/// Whether two statuses say the same of what an operator acts on (limit, shed, ASICs on,
+/// directives, faults, shortfall); readings that merely wobble do not count.
+fn same_material(a: &Status, b: &Status) -> bool {
+    a.limit_kw.to_bits() == b.limit_kw.to_bits()
+        && a.shed_kw.to_bits() == b.shed_kw.to_bits()
+        && a.asics_on == b.asics_on
+        && a.shortfall_kw.to_bits() == b.shortfall_kw.to_bits()
+        && a.directives == b.directives
+        && a.faulted == b.faulted
 }
 
 /// ASICs as the journal names them: outlet numbers by PDU name.

@@ -14,11 +14,13 @@
 //!   ────────╯╰──╯╰──╯╰─   peak = what the site must leave room for
 //! ```
 //!
-//! Restores look further back than sheds: they must fit under the peak of *two* windows. A
-//! sampled peak drifts by a few kW as the window slides over a swinging load; with one
-//! horizon for both, ASICs would come back in a lull and go again at the next crest. With
-//! two, whatever was restored also fits the shorter horizon until a crest higher than any in
-//! two windows comes, and that is a real change.
+//! Restores look further back than sheds: they must fit under the peak of the last
+//! [`RESTORE_MEMORY`] (five minutes, or two windows if longer). A sampled peak drifts as the
+//! window slides over a swinging load, and loads beat against each other over longer than any
+//! window (two racks at 2.3 s and 2.4 s periods crest together every 55 s); with one horizon for
+//! both, ASICs would come back in a lull and go again at the next crest. With the longer one,
+//! whatever was restored also fits the shorter horizon until a crest higher than any in five
+//! minutes comes, and that is a real change. Sheds never wait: they answer to the window.
 //!
 //! A peak rather than a mean, because a load that swings and is not metered (a site's GPU racks
 //! behind one feeder) would take the site over the limit at every crest of a mean-based
@@ -40,6 +42,9 @@ use crate::msg::Hold;
 /// Samples needed within the window before anything is restored.
 pub const MIN_SAMPLES: usize = 5;
 
+/// How far back restores look (at least two windows).
+pub const RESTORE_MEMORY: Duration = Duration::from_secs(300);
+
 /// The history behind the estimate; pure, fed by the core.
 #[derive(Debug, Clone)]
 pub struct Estimator {
@@ -51,15 +56,83 @@ pub struct Estimator {
     /// Per sample (as `rest`): the same with the GPU racks that answered counted at their
     /// rating instead of their reading.
     young: VecDeque<f64>,
+    /// Samples taken ever: the sequence number of the next one.
+    taken: u64,
+    /// The extremes over the window and over the restore memory, kept as samples come (a
+    /// site meter read four times a poll gives thousands of samples in five minutes, and
+    /// every plan asks).
+    in_window: Extremes,
+    in_memory: Extremes,
+    /// What is subtracted for the ASICs changed basis at this time (a PDU began or ceased to
+    /// answer), and no sample has been taken on the new basis since.
+    rebased: Option<Mono>,
+}
+
+/// The largest and smallest samples of a horizon that ends at the newest sample: monotonic
+/// queues of (sequence number, time, value), so that each sample is queued and dropped once.
+#[derive(Debug, Clone, Default)]
+struct Extremes {
+    horizon: Duration,
+    /// Decreasing values: the front is the largest within the horizon.
+    max: VecDeque<(u64, Mono, f64)>,
+    /// Increasing values: the front is the smallest.
+    min: VecDeque<(u64, Mono, f64)>,
+    /// Decreasing `young` values.
+    young: VecDeque<(u64, Mono, f64)>,
+}
+
+impl Extremes {
+    fn new(horizon: Duration) -> Extremes {
+        Extremes {
+            horizon,
+            ..Extremes::default()
+        }
+    }
+
+    fn push(&mut self, seq: u64, at: Mono, kw: f64, young_kw: f64) {
+        fn keep(
+            q: &mut VecDeque<(u64, Mono, f64)>,
+            entry: (u64, Mono, f64),
+            ahead: impl Fn(f64) -> bool,
+        ) {
+            while q.back().is_some_and(|&(_, _, v)| !ahead(v)) {
+                q.pop_back();
+            }
+            q.push_back(entry);
+        }
+        keep(&mut self.max, (seq, at, kw), |v| v > kw);
+        keep(&mut self.min, (seq, at, kw), |v| v < kw);
+        keep(&mut self.young, (seq, at, young_kw), |v| v > young_kw);
+        let from = at - self.horizon;
+        for q in [&mut self.max, &mut self.min, &mut self.young] {
+            while q.front().is_some_and(|&(_, t, _)| t < from) {
+                q.pop_front();
+            }
+        }
+    }
+}
+
+impl Extremes {
+    /// As [`Estimator::sampled_peak`] over the `n` samples of the horizon.
+    fn peak(&self, n: usize) -> f64 {
+        let max = self.max.front().map_or(0.0, |&(_, _, v)| v);
+        let min = self.min.front().map_or(0.0, |&(_, _, v)| v);
+        max + (max - min) / n.max(1) as f64
+    }
 }
 
 impl Estimator {
     pub fn new(window: Duration, poll: Duration) -> Estimator {
+        let memory = RESTORE_MEMORY.max(window * 2);
         Estimator {
             window,
             poll,
             rest: VecDeque::new(),
             young: VecDeque::new(),
+            taken: 0,
+            in_window: Extremes::new(window),
+            in_memory: Extremes::new(memory),
+            rebased: None,
         }
     }
 
@@ -70,15 +143,22 @@ impl Estimator {
         if !kw.is_finite() || !young_kw.is_finite() {
             return;
         }
+        if self.rebased.is_some_and(|t| at > t) {
+            self.rebased = None;
+        }
+        let young_kw = young_kw.max(kw);
         self.rest.push_back((at, kw));
-        self.young.push_back(young_kw.max(kw));
-        // Keep two windows (restores look that far back), and at least the latest few
-        // whatever their age (an estimate does not expire because the meter went quiet).
+        self.young.push_back(young_kw);
+        self.in_window.push(self.taken, at, kw, young_kw);
+        self.in_memory.push(self.taken, at, kw, young_kw);
+        self.taken += 1;
+        // Keep what restores look back on, and at least the latest few whatever their age
+        // (an estimate does not expire because the meter went quiet).
         while self.rest.len() > MIN_SAMPLES
             && self
                 .rest
                 .front()
-                .is_some_and(|(t, _)| *t < at - self.window * 2)
+                .is_some_and(|(t, _)| *t < at - self.memory())
         {
             self.rest.pop_front();
             self.young.pop_front();
@@ -92,16 +172,24 @@ impl Estimator {
     /// site ran under it before the controller started, and shedding at every start-up of a
     /// site that sits near its limit would be a fault of its own.
     pub fn load(&self, now: Mono, fallback_kw: f64, strict: bool) -> Load {
-        let samples = self.recent(now, self.window);
-        let warm = self.is_warm(&samples, now);
-        let peak = sampled_peak(&samples);
-        let long_peak = sampled_peak(&self.recent(now, self.window * 2));
-        let young = (!warm && strict)
-            .then(|| {
-                let skip = self.rest.len() - samples.len();
-                self.young.iter().skip(skip).copied().reduce(f64::max)
-            })
-            .flatten();
+        let window = self.recent(now, self.window);
+        let warm = self.is_warm(window.clone(), now);
+        let (peak, young) = match self.kept(&self.in_window, window.clone()) {
+            Some(e) => (
+                Some(e.peak(window.len())),
+                e.young.front().map(|&(_, _, v)| v),
+            ),
+            None => (
+                self.sampled_peak(window.clone()),
+                self.young.range(window.clone()).copied().reduce(f64::max),
+            ),
+        };
+        let memory = self.recent(now, self.memory());
+        let long_peak = match self.kept(&self.in_memory, memory.clone()) {
+            Some(e) => Some(e.peak(memory.len())),
+            None => self.sampled_peak(memory),
+        };
+        let young = young.filter(|_| !warm && strict);
         let rest_kw = match (peak, young) {
             (Some(p), Some(y)) => p.max(y),
             (Some(p), None) => p,
@@ -110,8 +198,34 @@ impl Estimator {
         Load {
             rest_kw,
             restore_rest_kw: long_peak.unwrap_or(fallback_kw).max(rest_kw),
-            restore_held: (!warm).then_some(Hold::EstimateWarmingUp),
+            restore_held: (!warm || self.rebased.is_some()).then_some(Hold::EstimateWarmingUp),
         }
+    }
+
+    /// The kept extremes of a horizon, if they are those of `samples`: the horizon ends at the
+    /// newest sample and holds exactly them (not when fewer than [`MIN_SAMPLES`] are recent,
+    /// nor when `now` is before the newest sample; those few cases are counted by hand).
+    fn kept<'a>(&self, e: &'a Extremes, samples: std::ops::Range<usize>) -> Option<&'a Extremes> {
+        let &(newest, _) = self.rest.back()?;
+        let from = newest - e.horizon;
+        let holds = samples.end == self.rest.len()
+            && samples.start == self.rest.partition_point(|(t, _)| *t < from)
+            && !samples.is_empty();
+        holds.then_some(e)
+    }
+
+    /// What is subtracted for the ASICs changes basis at `at`: a PDU that was assumed at its
+    /// rating answers with what it draws, or the reverse. Samples taken before mix the two
+    /// (a PDU assumed on at rating whose ASICs turn out to be off made the rest of the site
+    /// look smaller by their rating), so nothing is restored until a sample on the new basis
+    /// comes; sheds go on meanwhile, and that sample corrects them within a poll.
+    pub fn rebase(&mut self, at: Mono) {
+        self.rebased = Some(at);
+    }
+
+    /// How far back restores look.
+    fn memory(&self) -> Duration {
+        RESTORE_MEMORY.max(self.window * 2)
     }
 
     /// True once a site reading was ever sampled.
@@ -119,45 +233,54 @@ impl Estimator {
         !self.rest.is_empty()
     }
 
-    /// The samples to estimate from: those within `window`, or, when fewer than
-    /// [`MIN_SAMPLES`] are there, the latest that many whatever their age.
-    fn recent(&self, now: Mono, window: Duration) -> Vec<(Mono, f64)> {
-        let from = now - window;
-        let past: Vec<(Mono, f64)> = self
-            .rest
-            .iter()
-            .copied()
-            .filter(|(t, _)| *t <= now)
-            .collect();
-        let recent: Vec<(Mono, f64)> = past.iter().copied().filter(|(t, _)| *t >= from).collect();
-        if recent.len() >= MIN_SAMPLES {
-            recent
+    /// The samples to estimate from (indices into the history): those within `window` before
+    /// the newest (which is `now` while the site meter answers), so that when it goes quiet the
+    /// peak of the last window seen holds, rather than decaying as its crests age out; and at
+    /// least the latest [`MIN_SAMPLES`] whatever their age.
+    fn recent(&self, now: Mono, window: Duration) -> std::ops::Range<usize> {
+        let end = self.rest.partition_point(|(t, _)| *t <= now);
+        let Some(&(newest, _)) = end.checked_sub(1).and_then(|i| self.rest.get(i)) else {
+            return 0..0;
+        };
+        let from = newest - window;
+        let start = self.rest.partition_point(|(t, _)| *t < from).min(end);
+        if end - start >= MIN_SAMPLES {
+            start..end
         } else {
-            past[past.len().saturating_sub(MIN_SAMPLES)..].to_vec()
+            end.saturating_sub(MIN_SAMPLES)..end
         }
+    }
+
+    /// The peak the samples point to: their largest, plus their range over their number. A
+    /// few readings of a swinging load rarely catch its crest; the allowance shrinks as they
+    /// grow (the largest of n draws, stretched by the mean gap between draws).
+    fn sampled_peak(&self, samples: std::ops::Range<usize>) -> Option<f64> {
+        let n = samples.len();
+        let (min, max) =
+            self.rest
+                .range(samples)
+                .fold(None, |acc: Option<(f64, f64)>, (_, kw)| {
+                    Some(acc.map_or((*kw, *kw), |(lo, hi)| (lo.min(*kw), hi.max(*kw))))
+                })?;
+        Some(max + (max - min) / n as f64)
     }
 
     /// Enough to restore on: samples over a whole window (so the peak has seen the swings the
     /// window is sized for), the newest within it (so it is not an old story), and at least
     /// [`MIN_SAMPLES`] of them (fewer if the window holds fewer polls: a quarter of what it can
     /// hold, at least one).
-    fn is_warm(&self, samples: &[(Mono, f64)], now: Mono) -> bool {
+    fn is_warm(&self, samples: std::ops::Range<usize>, now: Mono) -> bool {
         let fits = (self.window.as_secs_f64() / self.poll.as_secs_f64().max(1e-3) / 4.0) as usize;
         let oldest = self.rest.front().map(|(t, _)| *t);
-        let newest = samples.iter().map(|(t, _)| *t).max();
+        let newest = samples
+            .end
+            .checked_sub(1)
+            .and_then(|i| self.rest.get(i))
+            .map(|(t, _)| *t);
         samples.len() >= MIN_SAMPLES.min(fits.max(1))
             && oldest.is_some_and(|t| now.elapsed(t, self.window))
             && newest.is_some_and(|t| !now.elapsed(t, self.window))
     }
-}
-
-/// The peak the samples point to: their largest, plus their range over their number. A few
-/// readings of a swinging load rarely catch its crest; the allowance shrinks as they grow
-/// (the largest of n draws, stretched by the mean gap between draws).
-fn sampled_peak(samples: &[(Mono, f64)]) -> Option<f64> {
-    let max = samples.iter().map(|(_, kw)| *kw).reduce(f64::max)?;
-    let min = samples.iter().map(|(_, kw)| *kw).reduce(f64::min)?;
-    Some(max + (max - min) / samples.len() as f64)
 }
 
 #[cfg(test)]
@@ -214,9 +337,10 @@ mod tests {
             };
             e.rest(s(t), kw, kw);
         }
-        // 30 samples from 240 to 280 kW: their largest and a 40/30 kW allowance.
+        // The 31 samples of the window before the newest (29..=59 s), from 240 to 280 kW:
+        // their largest and a 40/31 kW allowance.
         let peak = e.load(s(60), 80.0, true).rest_kw;
-        assert!((peak - (280.0 + 40.0 / 30.0)).abs() < 1e-9, "{peak}");
+        assert!((peak - (280.0 + 40.0 / 31.0)).abs() < 1e-9, "{peak}");
         assert_eq!(
             estimator().load(s(60), 80.0, true).rest_kw,
             80.0,
@@ -245,27 +369,87 @@ mod tests {
         }
         let warm = e.load(s(31), 0.0, true).rest_kw;
         assert!(
-            (warm - (46.0 + 1.0 / 30.0)).abs() < 1e-9,
+            (warm - (46.0 + 1.0 / 31.0)).abs() < 1e-9,
             "warm: the peak seen: {warm}"
         );
     }
 
     #[test]
-    fn restores_look_two_windows_back_so_a_passing_lull_brings_nothing_back() {
+    fn restores_look_five_minutes_back_so_a_passing_lull_brings_nothing_back() {
         let mut e = estimator();
-        // A 300 kW crest 40 s ago, then 250 kW: outside the 30 s window, inside two.
+        // A 300 kW crest 40 s ago, then 250 kW: outside the 30 s window, inside five minutes.
         e.rest(s(0), 300.0, 300.0);
-        for t in 1..61 {
+        for t in 1..=301 {
             e.rest(s(t), 250.0, 250.0);
+            if t == 40 {
+                let load = e.load(s(40), 0.0, true);
+                assert_eq!(load.rest_kw, 250.0);
+                assert!(load.restore_rest_kw > 300.0, "{load:?}");
+            }
         }
-        let load = e.load(s(40), 0.0, true);
-        assert_eq!(load.rest_kw, 250.0);
-        assert!(load.restore_rest_kw > 300.0, "{load:?}");
         assert_eq!(
-            e.load(s(61), 0.0, true).restore_rest_kw,
+            e.load(s(301), 0.0, true).restore_rest_kw,
             250.0,
-            "two windows on"
+            "five minutes on"
         );
+    }
+
+    /// Regression (the deterministic simulation, seed 0x538454127b096494): with the site meter
+    /// silent, the estimate fell back to the last five samples, which sat in a trough of the
+    /// swing; the peak it held decayed and the shortfall reported fell below the real excess.
+    #[test]
+    fn a_quiet_site_meter_holds_the_peak_of_the_last_window_seen() {
+        let mut e = estimator();
+        for t in 0..60 {
+            let kw = if t % 7 == 0 { 280.0 } else { 240.0 };
+            e.rest(s(t), kw, kw);
+        }
+        let later = e.load(s(600), 0.0, true);
+        assert!(later.rest_kw >= 280.0, "{later:?}");
+    }
+
+    /// `load` as it was first written: every figure counted from the samples at each call.
+    fn load_by_scan(e: &Estimator, now: Mono, fallback_kw: f64, strict: bool) -> Load {
+        let window = e.recent(now, e.window);
+        let warm = e.is_warm(window.clone(), now);
+        let peak = e.sampled_peak(window.clone());
+        let long_peak = e.sampled_peak(e.recent(now, e.memory()));
+        let young = (!warm && strict)
+            .then(|| e.young.range(window).copied().reduce(f64::max))
+            .flatten();
+        let rest_kw = match (peak, young) {
+            (Some(p), Some(y)) => p.max(y),
+            (Some(p), None) => p,
+            _ => fallback_kw,
+        };
+        Load {
+            rest_kw,
+            restore_rest_kw: long_peak.unwrap_or(fallback_kw).max(rest_kw),
+            restore_held: (!warm).then_some(Hold::EstimateWarmingUp),
+        }
+    }
+
+    proptest::proptest! {
+        /// The extremes kept as samples come give what counting them at every plan gives.
+        #[test]
+        fn the_kept_extremes_match_a_count_of_every_sample(
+            window_s in 1u64..90,
+            steps in proptest::collection::vec((0u64..3_000, 0u8..20, 0.0f64..500.0, 0.0f64..100.0, 0i64..2_000), 1..600),
+        ) {
+            let mut e = Estimator::new(Duration::from_secs(window_s), Duration::from_millis(250));
+            let mut t = 0i64;
+            for (gap_ms, long, kw, extra, ahead_ms) in steps {
+                // Mostly a few polls apart; now and then a quiet meter for minutes.
+                t += if long == 0 { gap_ms as i64 * 200 } else { gap_ms as i64 };
+                e.rest(Mono::from_nanos(t * 1_000_000), kw, kw + extra);
+                for strict in [true, false] {
+                    for now in [t, t + ahead_ms, t - ahead_ms / 4] {
+                        let now = Mono::from_nanos(now * 1_000_000);
+                        proptest::prop_assert_eq!(e.load(now, 77.0, strict), load_by_scan(&e, now, 77.0, strict));
+                    }
+                }
+            }
+        }
     }
 
     #[test]

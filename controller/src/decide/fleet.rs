@@ -18,6 +18,7 @@
 //! orders, and what the core wanted of it is forgotten: its outlets count as they read, or as
 //! the worst case for the limit (on) when they cannot be read.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,7 +125,28 @@ pub struct Fleet {
     next_order: u64,
     /// The orders as last published.
     published: Orders,
+    /// The PDU of each ASIC.
+    pdu_of: Vec<PduId>,
+    /// Per PDU, its ASICs' estimate as last summed: the site meter is read several times a
+    /// poll, and summing thousands of outlets each time is most of a large site's work.
+    /// Cleared by every change to the PDU's outlets.
+    estimates: Vec<Cell<Option<PduEstimate>>>,
 }
+
+/// A PDU's summed estimate (see [`Fleet::pdu_estimate_w`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct PduEstimate {
+    readable: bool,
+    w: f64,
+    /// When an ASIC in it stops counting as booting, which changes the sum.
+    until: Option<Mono>,
+}
+
+/// How long after it is switched on an ASIC counts at least at its rating in the estimate of
+/// the rest of the site: an ASIC's power supply and hashboards take up to a minute to reach full
+/// power, and an outlet read a moment before the site meter shows less than the meter already
+/// includes. Counting the rating meanwhile makes that skew err low, which a peak ignores.
+const BOOTING: Duration = Duration::from_secs(60);
 
 /// Power above which an outlet that reads off is drawing: 50 W, or 5 % of its ASIC's rating.
 fn drawing_w(rated_w: f64) -> f64 {
@@ -152,6 +174,15 @@ impl Fleet {
             published: Orders {
                 pdus: vec![None; site.pdus.len()].into(),
             },
+            pdu_of: site.asics.iter().map(|a| a.pdu).collect(),
+            estimates: vec![Cell::new(None); site.pdus.len()],
+        }
+    }
+
+    /// Forgets `pdu`'s summed estimate (its outlets changed).
+    fn touch(&self, pdu: PduId) {
+        if let Some(c) = self.estimates.get(pdu.0 as usize) {
+            c.set(None);
         }
     }
 
@@ -171,6 +202,7 @@ impl Fleet {
         now: Mono,
     ) -> ReadOutcome {
         let mut out = ReadOutcome::default();
+        self.touch(pdu);
         let Some(state) = self.pdus.get_mut(pdu.0 as usize) else {
             return out;
         };
@@ -246,6 +278,7 @@ impl Fleet {
 
     /// The core wants ASIC `id` `on` (a plan's change) from `now`.
     pub fn command(&mut self, id: AsicId, on: bool, now: Mono) {
+        self.touch(self.pdu_of[id.0 as usize]);
         let o = &mut self.outlets[id.0 as usize];
         if o.commanded != Some(on) {
             o.commanded = Some(on);
@@ -257,6 +290,7 @@ impl Fleet {
     /// The core takes what the relays read as what it wants (the first plan, which switches
     /// nothing, claims the outlets as they are).
     pub fn claim_as_seen(&mut self, id: AsicId) {
+        self.touch(self.pdu_of[id.0 as usize]);
         let o = &mut self.outlets[id.0 as usize];
         if o.commanded.is_none() {
             o.commanded = o.seen;
@@ -267,6 +301,7 @@ impl Fleet {
     /// `pdu` cannot be switched: forget what the core wanted of it (its outlets count as they
     /// read) and withdraw its order.
     pub fn release(&mut self, pdu: PduId) {
+        self.touch(pdu);
         for &id in self
             .by_pdu
             .get(pdu.0 as usize)
@@ -321,7 +356,7 @@ impl Fleet {
 
     /// The power to subtract from the site reading for ASIC `id` when estimating the rest of
     /// the site at `now`, W. Where its PDU is `readable`, its reading; but an ASIC switched on
-    /// within the grace counts at least at its rating, since its outlet may have been read
+    /// within [`BOOTING`] counts at least at its rating, since its outlet may have been read
     /// before its relay closed or while it boots: every disagreement in time between outlet
     /// and site readings then errs low, which a peak over the window does not feel. Where the
     /// PDU cannot be read, what it is assumed to draw, never more than the planner counts for
@@ -332,7 +367,7 @@ impl Fleet {
         if readable {
             let reading = o.power_w.unwrap_or(0.0);
             let switching_on = o.commanded == Some(true)
-                && (!o.confirmed || o.since.is_some_and(|s| !now.elapsed(s, self.grace)));
+                && (!o.confirmed || o.since.is_some_and(|s| !now.elapsed(s, BOOTING)));
             return if switching_on {
                 reading.max(rated)
             } else {
@@ -344,6 +379,37 @@ impl Fleet {
         } else {
             0.0
         }
+    }
+
+    /// The sum of [`Fleet::estimate_w`] over the ASICs of `pdu`, W, kept until the PDU's
+    /// outlets change or an ASIC in it stops counting as booting.
+    pub fn pdu_estimate_w(&self, pdu: PduId, readable: bool, now: Mono) -> f64 {
+        let Some(cell) = self.estimates.get(pdu.0 as usize) else {
+            return 0.0;
+        };
+        if let Some(e) = cell.get()
+            && e.readable == readable
+            && e.until.is_none_or(|u| now < u)
+        {
+            return e.w;
+        }
+        let mut w = 0.0;
+        let mut until: Option<Mono> = None;
+        for &id in self.asics_of(pdu) {
+            w += self.estimate_w(id, readable, now);
+            let o = &self.outlets[id.0 as usize];
+            if readable
+                && o.commanded == Some(true)
+                && o.confirmed
+                && let Some(s) = o.since
+                && !now.elapsed(s, BOOTING)
+            {
+                let end = s + BOOTING;
+                until = Some(until.map_or(end, |u| u.min(end)));
+            }
+        }
+        cell.set(Some(PduEstimate { readable, w, until }));
+        w
     }
 
     /// The measured power of ASIC `id`, W, if its PDU answered.
@@ -637,12 +703,56 @@ mod tests {
         fleet.read(&site, p1, &booting, &power, ms(600));
         assert_eq!(fleet.estimate_w(a, true, ms(600)), rated, "booting");
         let full = [3100.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
-        fleet.read(&site, p1, &booting, &full, ms(2500));
+        fleet.read(&site, p1, &booting, &full, ms(60_200));
         assert_eq!(
-            fleet.estimate_w(a, true, ms(2500)),
+            fleet.estimate_w(a, true, ms(60_200)),
             3100.0,
-            "settled: its reading"
+            "booted: its reading"
         );
+    }
+
+    #[test]
+    fn a_pdus_summed_estimate_follows_its_outlets_and_the_end_of_booting() {
+        let site = small();
+        let p1 = pdu(&site, "pdu-1");
+        let mut fleet = Fleet::new(&site, Duration::from_secs(2), vec![None; site.asics.len()]);
+        let summed = |fleet: &Fleet, readable: bool, now: Mono| -> f64 {
+            fleet
+                .asics_of(p1)
+                .iter()
+                .map(|&a| fleet.estimate_w(a, readable, now))
+                .sum()
+        };
+        let check = |fleet: &Fleet, now: Mono, why: &str| {
+            for readable in [true, false, true] {
+                assert_eq!(
+                    fleet.pdu_estimate_w(p1, readable, now),
+                    summed(fleet, readable, now),
+                    "{why} (readable: {readable})"
+                );
+            }
+        };
+        check(&fleet, ms(0), "never read");
+        read(&mut fleet, &site, [false; 8], ms(0));
+        check(&fleet, ms(0), "read off");
+        let a = fleet.asics_of(p1)[0];
+        fleet.command(a, true, ms(100));
+        check(&fleet, ms(100), "commanded on");
+        let mut on = [false; 8];
+        on[0] = true;
+        let power = [900.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        fleet.read(&site, p1, &on, &power, ms(600));
+        check(&fleet, ms(600), "booting");
+        assert_eq!(
+            fleet.pdu_estimate_w(p1, true, ms(60_099)),
+            site.asic(a).rated_w
+        );
+        check(&fleet, ms(60_100), "booted, with no read since");
+        assert_eq!(fleet.pdu_estimate_w(p1, true, ms(60_100)), 900.0);
+        fleet.release(p1);
+        check(&fleet, ms(60_200), "released");
+        fleet.claim_as_seen(a);
+        check(&fleet, ms(60_300), "claimed");
     }
 
     #[test]

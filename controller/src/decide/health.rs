@@ -49,6 +49,8 @@ pub struct Health {
     heard: bool,
     /// Write failures, ever.
     strikes: u32,
+    /// The fault as shown, formatted once when it changes (status shows it at every plan).
+    shown: Option<String>,
 }
 
 /// What a report did to the fault shown for a device.
@@ -62,6 +64,11 @@ pub enum Change {
 }
 
 impl Health {
+    /// [`Health::fault`] as text.
+    pub fn fault_text(&self) -> Option<&str> {
+        self.shown.as_deref()
+    }
+
     /// The fault to show: why it cannot be read, else why it cannot be switched.
     pub fn fault(&self) -> Option<&DeviceError> {
         self.read.as_ref().or(self.write.as_ref().map(|w| &w.error))
@@ -132,11 +139,15 @@ impl Health {
         let before = self.fault().cloned();
         f(self);
         self.heard = true;
-        match (before, self.fault()) {
+        let change = match (before, self.fault()) {
             (Some(_), None) => Change::Recovered,
             (before, Some(now)) if before.as_ref() != Some(now) => Change::Faulted(now.clone()),
             _ => Change::None,
+        };
+        if change != Change::None {
+            self.shown = self.fault().map(ToString::to_string);
         }
+        change
     }
 }
 

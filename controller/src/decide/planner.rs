@@ -55,8 +55,8 @@ pub struct Load {
     /// The peak over the policy window of everything that is not an ASIC (GPU racks, cooling,
     /// the rest), as the site meter shows it: what sheds answer to.
     pub rest_kw: f64,
-    /// The same over two windows (at least `rest_kw`): what restores must fit under, so that
-    /// an ASIC restored in a lull is not shed again at the next crest.
+    /// The same over a longer memory (at least `rest_kw`): what restores must fit under, so
+    /// that an ASIC restored in a lull is not shed again at the next crest.
     pub restore_rest_kw: f64,
     /// Why nothing may be restored on these figures, if so (too young, no site meter).
     pub restore_held: Option<Hold>,

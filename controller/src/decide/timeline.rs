@@ -140,6 +140,20 @@ impl Timeline {
             .collect()
     }
 
+    /// When the first event still held will be over (see [`Timeline::ended_by`]): `None` if
+    /// every event is open-ended.
+    pub fn first_end(&self) -> Option<Timestamp> {
+        self.events
+            .values()
+            .filter_map(|ds| {
+                ds.iter()
+                    .map(|d| d.end)
+                    .collect::<Option<Vec<_>>>()
+                    .map(|ends| ends.into_iter().max().unwrap_or(Timestamp::MIN))
+            })
+            .min()
+    }
+
     /// True if any directive of event `id` is in force at `now`.
     pub fn is_active(&self, id: &str, now: Timestamp) -> bool {
         self.events

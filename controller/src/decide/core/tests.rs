@@ -3,6 +3,7 @@
 //! simulation in `hil::simulate` and its scenarios.
 
 use super::*;
+use crate::msg::{Call, Function};
 use site_config::SignalFormat;
 
 fn small() -> Arc<Site> {
@@ -270,4 +271,200 @@ fn a_limit_is_planned_and_shown_in_the_tick_that_takes_it() {
         statuses.iter().all(|s| s.limit_kw == 120.0),
         "{statuses:#?}"
     );
+}
+
+/// Regression (the deterministic simulation, seed 0x3c6ef372fe94f82b): a maestro curtailment
+/// (its directive starts at the epoch, so that re-sends are identical) resumed after a restart
+/// was measured from 1970, and its completion wrote some 30 million one-minute intervals into
+/// one journal record.
+#[test]
+fn a_resumed_maestro_curtailment_is_measured_from_the_readings_kept_not_from_1970() {
+    let site = small();
+    let mut core = Core::new(site.clone(), State::default(), Vec::new(), t0());
+    all_answer(&mut core, at(0.0), 190.0);
+    let ts = at(1.0).wall.as_second();
+    let topic = topic(&site, SignalFormat::Maestro);
+    core.input(
+        at(1.0),
+        Input::Signal {
+            topic,
+            payload: format!(r#"{{"target":0,"timestamp":{ts}}}"#).into_bytes(),
+        },
+    );
+    core.tick(at(1.0));
+    // A restart: the state as the journal has it, and a new core.
+    let state = core.state().clone();
+    let mut core = Core::new(site.clone(), state, Vec::new(), at(10.0));
+    all_answer(&mut core, at(10.5), 190.0);
+    all_answer(&mut core, at(11.0), 120.0);
+    let topic = self::topic(&site, SignalFormat::Maestro);
+    core.input(
+        at(70.0),
+        Input::Signal {
+            topic,
+            payload: format!(r#"{{"target":100,"timestamp":{}}}"#, ts + 69).into_bytes(),
+        },
+    );
+    core.tick(at(70.0));
+    let measured = core
+        .take_effects()
+        .into_iter()
+        .find_map(|e| match e {
+            Effect::Record(Record::Measured { intervals, .. }) => Some(intervals),
+            _ => None,
+        })
+        .expect("the curtailment was measured");
+    assert!(measured.len() < 10, "{} intervals", measured.len());
+}
+
+/// Regression (the deterministic simulation, seed 0x248e0b2b1c06b67e): the wake-up for a
+/// directive's start or end is reckoned on the wall clock of when it was planned; after the
+/// wall clock jumped, the controller went on with a plan for a directive no longer in force.
+#[test]
+fn a_wall_clock_jump_replans_at_once() {
+    let site = small();
+    let mut core = Core::new(site.clone(), State::default(), Vec::new(), t0());
+    all_answer(&mut core, at(0.0), 190.0);
+    signal(
+        &mut core,
+        at(1.0),
+        r#"{"id":"e1","kind":"shed_all","duration_s":600}"#,
+    );
+    assert!(core.last_plan().unwrap().desired.iter().all(|on| !on));
+    // NTP moves the clock 20 minutes ahead: the directive is over by the utility's clock.
+    let jumped = Now {
+        wall: at(2.0).wall + jiff::SignedDuration::from_mins(20),
+        mono: at(2.0).mono,
+    };
+    core.tick(jumped);
+    assert!(!core.state().timeline.contains("e1"), "completed at once");
+    assert_eq!(
+        core.last_plan().unwrap().limit_kw,
+        200.0,
+        "planned on the new clock"
+    );
+}
+
+/// Regression (the deterministic simulation, seed 0x66700266a98933d0): a PDU silent since
+/// start-up counts at its rating, and its ASICs were in fact off, so the rest of the site
+/// looked smaller by their rating. When it answered, the plan in the same tick restored
+/// into that room before any site reading had been sampled on the new basis, and the site went
+/// 8 kW over an import limit.
+#[test]
+fn a_pdu_that_answers_again_brings_nothing_back_until_the_site_is_sampled_anew() {
+    let mut site = (*small()).clone();
+    site.policy.min_off = Duration::ZERO;
+    let site = Arc::new(site);
+    let mut core = Core::new(site.clone(), State::default(), Vec::new(), t0());
+    let silent = match site.device_by_name("pdu-1") {
+        Some(DeviceId::Pdu(p)) => p,
+        _ => unreachable!(),
+    };
+    let read = |core: &mut Core, now: Now, pdu: PduId, on: bool| {
+        let p = site.pdu(pdu);
+        let n = usize::from(p.outlets);
+        let mut power = vec![0.0; n];
+        for a in site.asics.iter().filter(|a| a.pdu == pdu && on) {
+            power[usize::from(a.outlet) - 1] = a.rated_w;
+        }
+        core.input(
+            now,
+            Input::Reading(Reading::Pdu {
+                pdu,
+                relays: vec![on; n],
+                power_w: power,
+            }),
+        );
+    };
+    let rated = |pdu: PduId| -> f64 {
+        site.asics
+            .iter()
+            .filter(|a| a.pdu == pdu)
+            .map(|a| a.rated_w / 1000.0)
+            .sum()
+    };
+    // The truth: pdu-1's ASICs are off; every other ASIC on; GPU racks 50 kW, 5 kW besides.
+    let others_kw: f64 = site
+        .pdus
+        .iter()
+        .filter(|p| p.id != silent)
+        .map(|p| rated(p.id))
+        .sum();
+    let site_kw = others_kw + 55.0;
+    let poll = |core: &mut Core, now: Now, k: u32, silent_answers: bool| {
+        for p in &site.pdus {
+            if p.id != silent {
+                read(core, now, p.id, true);
+            } else if silent_answers {
+                read(core, now, p.id, false);
+            } else {
+                let call = Call {
+                    function: Function::ReadCoils,
+                    address: 0,
+                    count: p.outlets,
+                };
+                let error = DeviceError::Timeout {
+                    call,
+                    limit: Duration::from_millis(500),
+                };
+                core.input(
+                    now,
+                    Input::Reading(Reading::ReadFailed {
+                        device: DeviceId::Pdu(p.id),
+                        error,
+                    }),
+                );
+            }
+        }
+        let wobble = f64::from(k % 3) * 0.1;
+        for m in site.meters.iter().filter(|m| m.id != site.site_meter) {
+            let kw = 25.0 + wobble;
+            core.input(now, Input::Reading(Reading::Meter { meter: m.id, kw }));
+        }
+        let meter = site.site_meter;
+        let kw = site_kw + 2.0 * wobble;
+        core.input(now, Input::Reading(Reading::Meter { meter, kw }));
+        core.tick(now);
+    };
+    // A limit that leaves no room to restore anything on the truth (margin 3 kW, deadband 2 %).
+    let limit = (site_kw + 0.2 + 3.0 + 0.02 * 150.0 + 1.0).ceil();
+    for k in 0..80 {
+        poll(&mut core, at(f64::from(k) * 0.5), k, false);
+        if k == 70 {
+            // Once the estimate is warm (before, the GPU racks would count at their rating).
+            let json = format!(r#"{{"id":"e1","kind":"import_limit","kw":{limit}}}"#);
+            signal(&mut core, at(35.01), &json);
+        }
+    }
+    let plan = core.last_plan().unwrap();
+    assert_eq!(plan.limit_kw, limit);
+    assert!(
+        plan.desired.iter().all(|on| *on),
+        "pdu-1 counts on at its rating, and fits"
+    );
+
+    // pdu-1 answers: all off. Nothing comes back on the samples taken while it was assumed on.
+    read(&mut core, at(40.0), silent, false);
+    core.tick(at(40.0));
+    core.tick(at(40.2));
+    let plan = core.last_plan().unwrap();
+    let on = plan.desired.iter().filter(|on| **on).count();
+    assert_eq!(on, site.asics.len() - 8, "planned on what pdu-1 reads");
+    let back: Vec<AsicId> = site
+        .asics
+        .iter()
+        .filter(|a| a.pdu == silent && plan.desired[a.id.0 as usize])
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(back, vec![], "restored into room that is not there");
+    assert_eq!(plan.held, Some(Hold::EstimateWarmingUp));
+
+    // The next poll samples the site as it is: the rest of the site is 55 kW, and there is
+    // still no room.
+    poll(&mut core, at(40.5), 81, true);
+    core.tick(at(41.0));
+    let plan = core.last_plan().unwrap();
+    assert!((plan.rest_kw - 55.0).abs() < 1.0, "{}", plan.rest_kw);
+    assert_eq!(plan.restored, 0);
+    assert_eq!(plan.held, Some(Hold::NoRoom));
 }
