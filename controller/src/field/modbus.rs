@@ -33,7 +33,19 @@ const POLL_PHASES: u32 = 8;
 
 /// The site meter is read this many times a poll interval: the budget leaves room for the
 /// peak of what it shows, and a swinging load's crests are caught only by dense readings.
-const SITE_METER_READS: u32 = 4;
+pub const SITE_METER_READS: u32 = 4;
+
+/// The wait before the next read. The site meter's reads come at random instants, half to one
+/// and a half periods apart: GPU training swings are periodic, and reads at a fixed rate near a
+/// multiple of theirs hit the same few phases for minutes, so their peak would miss the crests
+/// (by up to 30 % of the swing at four reads a cycle) and drift as the phases crawl.
+pub fn jittered(period: Duration, site_meter: bool) -> Duration {
+    if site_meter {
+        period.mul_f64(rand::random_range(0.5..1.5))
+    } else {
+        period
+    }
+}
 
 /// Timing of the Modbus side.
 #[derive(Debug, Clone, Copy)]
@@ -144,17 +156,17 @@ impl Endpoint {
         } else {
             1
         };
-        let mut poll = tokio::time::interval_at(
-            Instant::now() + phase,
-            self.timing.poll_interval / ticks_per_poll,
-        );
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let period = self.timing.poll_interval / ticks_per_poll;
+        let mut next = Instant::now() + phase;
         let mut tick: u32 = 0;
         loop {
             // Cancel-safe: each branch only wakes us; the work happens after the select.
             let ordered = tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = poll.tick() => false,
+                _ = tokio::time::sleep_until(next) => {
+                    next = Instant::now() + jittered(period, self.site_meter.is_some());
+                    false
+                }
                 r = self.orders.changed() => {
                     if r.is_err() {
                         return;
