@@ -82,6 +82,8 @@ pub struct PduDevice {
     sequencer_free_at: f64,
     /// Outlets (bit n-1 for outlet n) whose relays are welded in place.
     stuck: u64,
+    /// Relay movements since power-up, all outlets together.
+    moves: u64,
     rng: SmallRng,
 }
 
@@ -114,6 +116,7 @@ impl PduDevice {
             clock: 0.0,
             sequencer_free_at: 0.0,
             stuck: 0,
+            moves: 0,
             rng: SmallRng::seed_from_u64(seed),
         };
         pdu.step(0.0, &[]);
@@ -188,6 +191,7 @@ impl PduDevice {
                 if outlet.relay_on != p.on {
                     outlet.relay_on = p.on;
                     outlet.toggles = outlet.toggles.saturating_add(1);
+                    self.moves += 1;
                     if p.on {
                         outlet.on_since = p.due;
                     }
@@ -215,6 +219,19 @@ impl PduDevice {
         }
     }
 
+    /// Relay movements since power-up, all outlets together: a cheap way to see that
+    /// nothing moved since the last look.
+    pub fn moves(&self) -> u64 {
+        self.moves
+    }
+
+    /// True if an outlet feeds a GPU rack (its power follows the rack's draw).
+    pub fn feeds_gpu(&self) -> bool {
+        self.outlets
+            .iter()
+            .any(|o| matches!(o.load, Load::GpuFeed { .. }))
+    }
+
     /// Sum of the outlets' power.
     pub fn total_w(&self) -> f64 {
         self.outlets.iter().map(|o| o.power_w).sum()
@@ -227,6 +244,18 @@ impl PduDevice {
             .filter(|o| matches!(o.load, Load::Asic { .. }))
             .map(|o| o.power_w)
             .sum()
+    }
+
+    /// True when stepping would change nothing but the noise: no relay is waiting to move
+    /// and no ASIC is still ramping up.
+    pub fn is_steady(&self) -> bool {
+        let ramp = self.physics.boot_ramp_s;
+        self.outlets.iter().all(|o| {
+            o.pending.is_none()
+                && !(o.relay_on
+                    && matches!(o.load, Load::Asic { .. })
+                    && self.clock - o.on_since < ramp)
+        })
     }
 
     /// True while any relay command is still waiting for its relay to move.
