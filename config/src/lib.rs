@@ -16,17 +16,3 @@ pub mod profile;
 pub use error::{ConfigError, Problem};
 pub use load::{load, parse};
 pub use model::*;
-
-#[cfg(test)]
-mod example_sites {
-    #[test]
-    fn example_sites_load() {
-        let small = crate::load(concat!(env!("CARGO_MANIFEST_DIR"), "/sites/small.toml")).unwrap();
-        assert_eq!(small.asics.len(), 34);
-        assert_eq!(small.gpu_racks.len(), 2);
-        let large = crate::load(concat!(env!("CARGO_MANIFEST_DIR"), "/sites/large.toml")).unwrap();
-        assert_eq!(large.pdus.len(), 500);
-        assert_eq!(large.asics.len(), 12_000);
-        assert_eq!(large.gpu_racks.len(), 8);
-    }
-}

@@ -366,7 +366,8 @@ impl Site {
     }
 
     pub fn gpu_rated_kw(&self) -> f64 {
-        self.gpu_racks.iter().map(|g| g.rated_kw).sum()
+        // A fold from +0.0: an empty `sum` of floats is -0.0, which prints as such.
+        self.gpu_racks.iter().fold(0.0, |kw, g| kw + g.rated_kw)
     }
 }
 

@@ -984,6 +984,21 @@ fn the_shipped_example_sites_load() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(large.pdus.len(), 500);
     assert_eq!(large.asics.len(), 12_000);
+    assert_eq!(large.gpu_racks.len(), 8);
+    // Another vendor's PDUs through a profile file, and GPU load no meter of its own sees.
+    let acme = site_config::load(concat!(env!("CARGO_MANIFEST_DIR"), "/sites/acme.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(acme.asics.len(), 96);
+    assert_eq!(
+        acme.gpu_racks.len(),
+        1,
+        "a lab rack; the cluster has no meter"
+    );
+    assert_eq!(acme.sim.base_load_kw, 240.0);
+    let pdu = &acme.pdus[0];
+    assert_eq!(pdu.profile.name, "acme-pdu");
+    assert_eq!(pdu.profile.relays.address, 0x0400);
+    assert_eq!(pdu.endpoint.unit_id, 7);
 }
 
 /// A PDU of a vendor gridshed has never seen: relays in holding registers far from zero,
