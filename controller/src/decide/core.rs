@@ -735,6 +735,13 @@ impl Core {
             {
                 *was = readable;
                 self.estimator.rebase(now.mono);
+                // What is subtracted for the ASICs just jumped from an assumption to a reading
+                // (or back) while nothing moved: the site meter's steady reading across that
+                // jump says nothing about it being frozen, so its comparison starts again.
+                if let Some(track) = self.meters.get_mut(self.site.site_meter.0 as usize) {
+                    track.repeats = 0;
+                    track.asic_kw_then = None;
+                }
             }
         }
         if change == Change::None {

@@ -468,3 +468,69 @@ fn a_pdu_that_answers_again_brings_nothing_back_until_the_site_is_sampled_anew()
     assert_eq!(plan.restored, 0);
     assert_eq!(plan.held, Some(Hold::NoRoom));
 }
+
+#[test]
+fn a_steady_site_meter_is_not_frozen_when_a_pdu_answers_again() {
+    // Found by the simulation (seed 0x8bc9953a2ba00cb0): a PDU silent since a restart and
+    // assumed on at its rating answered with every ASIC off. The ASICs' estimate dropped by
+    // their rating while the site meter, rightly, did not move: taken for a frozen meter, it
+    // stopped the estimate for good.
+    let site = small();
+    let mut core = Core::new(site.clone(), State::default(), Vec::new(), t0());
+    let silent = match site.device_by_name("pdu-1") {
+        Some(DeviceId::Pdu(p)) => p,
+        _ => unreachable!(),
+    };
+    let poll = |core: &mut Core, now: Now, k: u32, silent_answers: bool| {
+        for p in &site.pdus {
+            let n = usize::from(p.outlets);
+            let on = p.id != silent;
+            let reading = if p.id == silent && !silent_answers {
+                let call = Call {
+                    function: Function::ReadCoils,
+                    address: 0,
+                    count: p.outlets,
+                };
+                Reading::ReadFailed {
+                    device: DeviceId::Pdu(p.id),
+                    error: DeviceError::Timeout {
+                        call,
+                        limit: Duration::from_millis(500),
+                    },
+                }
+            } else {
+                let mut power_w = vec![0.0; n];
+                for a in site.asics.iter().filter(|a| a.pdu == p.id && on) {
+                    power_w[usize::from(a.outlet) - 1] = a.rated_w;
+                }
+                Reading::Pdu {
+                    pdu: p.id,
+                    relays: vec![on; n],
+                    power_w,
+                }
+            };
+            core.input(now, Input::Reading(reading));
+        }
+        for m in &site.meters {
+            // The site meter perfectly steady (a simulated site, or a real one read at a
+            // coarse register scale); the GPU racks' last digits moving, as they do.
+            let kw = if m.id == site.site_meter {
+                300.0
+            } else {
+                25.0 + f64::from(k % 3) * 0.1
+            };
+            core.input(now, Input::Reading(Reading::Meter { meter: m.id, kw }));
+        }
+        core.tick(now);
+    };
+    for k in 0..20 {
+        poll(&mut core, at(f64::from(k) * 0.5), k, false);
+    }
+    for k in 20..60 {
+        poll(&mut core, at(f64::from(k) * 0.5), k, true);
+    }
+    let status = core.status(at(30.0));
+    let faulted: Vec<&str> = status.faulted.iter().map(|f| f.device.as_str()).collect();
+    assert_eq!(faulted, Vec::<&str>::new());
+    assert_eq!(status.restore_held, None, "{status:?}");
+}
