@@ -477,7 +477,7 @@ fn interval_window(
                 let t = s
                     .parse::<Timestamp>()
                     .map_err(|e| format!("start {s:?} is not an RFC 3339 time: {e}"))?;
-                if t.to_string().starts_with("0001-01-01") {
+                if t.to_zoned(jiff::tz::TimeZone::UTC).date() == jiff::civil::date(1, 1, 1) {
                     now
                 } else {
                     t

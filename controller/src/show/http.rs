@@ -159,6 +159,7 @@ fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         505 => "HTTP Version Not Supported",
         _ => "Error",
     }
@@ -189,10 +190,13 @@ fn respond(head: &str, telemetry: &Telemetry) -> Response {
             "text/plain; version=0.0.4; charset=utf-8",
             telemetry.prometheus(),
         ),
-        "/api/status" => Response::ok(
-            "application/json",
-            serde_json::to_vec(&telemetry.view()).unwrap_or_default(),
-        ),
+        "/api/status" => match serde_json::to_vec(&telemetry.view()) {
+            Ok(json) => Response::ok("application/json", json),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serialise the status page's view");
+                Response::error(500)
+            }
+        },
         _ => Response::error(404),
     };
     response.head_only = head_only;
