@@ -238,16 +238,20 @@ async fn maestro_target_0_curtails_every_asic_and_100_brings_them_back(kind: Bro
     );
     // Maestro re-sends periodically; a re-send changes nothing.
     let writes = rig.sim.all_writes();
+    let resent = rig.utility.seen.len();
     rig.signal(
         SignalFormat::Maestro,
         format!(r#"{{"target":0,"timestamp":{}}}"#, ts + 1),
     )
     .await;
-    rig.until(SECOND, "the re-send acknowledged", |r| {
-        r.sim.requests("pdu-1").unwrap() > 0 // the loop keeps polling meanwhile
+    rig.ack(resent, "maestro", "accepted", SECOND).await;
+    // The core plans as it takes a signal; any write that plan ordered goes out before the
+    // PDU's next reads.
+    let reads = rig.sim.requests("pdu-1").unwrap();
+    rig.until(2 * SECOND, "two more polls of pdu-1", |r| {
+        r.sim.requests("pdu-1").unwrap() >= reads + 2
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         rig.sim.all_writes(),
         writes,

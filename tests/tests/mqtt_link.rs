@@ -246,29 +246,6 @@ async fn mqtts_refuses_a_broker_whose_certificate_the_ca_did_not_sign() {
     let _ = run.await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn credentials_come_from_the_environment_variables_the_site_file_names() {
-    let Some(started) = Broker::mosquitto_with_password("gateway", "s3cret-pass") else {
-        return;
-    };
-    let (broker, auth_port) = started.expect("mosquitto starts");
-    let user_var = format!("GRIDSHED_TEST_USER_{}", std::process::id());
-    let pass_var = format!("GRIDSHED_TEST_PASS_{}", std::process::id());
-    // SAFETY: these variables are unique to this test process and read only by this test's
-    // controller; no other thread reads or writes them.
-    unsafe {
-        std::env::set_var(&user_var, "gateway");
-        std::env::set_var(&pass_var, "s3cret-pass");
-    }
-    let mut rig = Rig::start_on(broker, "small.toml", |site| {
-        site.mqtt.brokers[0].port = auth_port;
-        site.mqtt.username_env = Some(user_var.clone());
-        site.mqtt.password_env = Some(pass_var.clone());
-    })
-    .await;
-    shed_works(&mut rig, "authenticated").await;
-}
-
 #[tokio::test]
 async fn a_missing_credential_variable_stops_the_controller_before_it_starts() {
     let mut site = hil::site::load("small.toml");
