@@ -40,57 +40,37 @@ use tokio::time::Instant;
 use tokio_modbus::client::{Writer, tcp};
 use tokio_modbus::prelude::SlaveContext;
 
+#[derive(Debug, clap::Parser)]
+#[command(about = "How fast gridshed sheds a large site, end to end on one machine")]
 struct Args {
+    /// The site file to bench (default: config/sites/large.toml).
+    #[arg(long, conflicts_with = "pdus")]
     site: Option<PathBuf>,
+    /// A generated site of this many PDUs, in the shape of large.toml, instead of a file.
+    #[arg(long)]
     pdus: Option<u32>,
+    /// ASICs per PDU of a generated site.
+    #[arg(long, default_value_t = 24, requires = "pdus")]
     outlets: u16,
+    /// Shed-and-release events to time.
+    #[arg(long, default_value_t = 20)]
     events: usize,
+    /// How long the simulated relays take to move, ms.
+    #[arg(long, default_value_t = 0)]
     relay_delay_ms: u32,
+    /// Skip the naive one-outlet-at-a-time comparison.
+    #[arg(long = "no-naive", action = clap::ArgAction::SetFalse)]
     naive: bool,
     /// Percent of PDUs made dead for the dead-PDU scenario (0: not run).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=50))]
     dead_pct: u32,
     /// Seconds of broker outage for the outage scenario (0: not run).
+    #[arg(long, default_value_t = 0)]
     outage_s: u64,
 }
 
 fn args() -> Args {
-    let mut a = Args {
-        site: None,
-        pdus: None,
-        outlets: 24,
-        events: 20,
-        relay_delay_ms: 0,
-        naive: true,
-        dead_pct: 0,
-        outage_s: 0,
-    };
-    let mut it = std::env::args().skip(1);
-    let usage = || -> ! {
-        eprintln!(
-            "usage: shed-bench [--site FILE | --pdus N [--outlets M]] [--events K] [--relay-delay-ms D] [--no-naive] [--dead-pct P] [--outage-s S]"
-        );
-        std::process::exit(2)
-    };
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| usage());
-        match flag.as_str() {
-            "--site" => a.site = Some(PathBuf::from(value())),
-            "--pdus" => a.pdus = Some(value().parse().unwrap_or_else(|_| usage())),
-            "--outlets" => a.outlets = value().parse().unwrap_or_else(|_| usage()),
-            "--events" => a.events = value().parse().unwrap_or_else(|_| usage()),
-            "--relay-delay-ms" => a.relay_delay_ms = value().parse().unwrap_or_else(|_| usage()),
-            "--no-naive" => a.naive = false,
-            "--dead-pct" => {
-                a.dead_pct = value().parse().unwrap_or_else(|_| usage());
-                if a.dead_pct > 50 {
-                    usage();
-                }
-            }
-            "--outage-s" => a.outage_s = value().parse().unwrap_or_else(|_| usage()),
-            _ => usage(),
-        }
-    }
-    a
+    <Args as clap::Parser>::parse()
 }
 
 /// A site of `pdus` PDUs with `outlets` ASICs each, 8 GPU racks, in the shape of large.toml.
