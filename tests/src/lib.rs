@@ -4,6 +4,8 @@
 //! - [`broker`]: an embedded rumqttd or a Mosquitto child process on a free loopback port.
 //! - [`plot`]: the demo's SVG chart of site, ASIC and GPU power against the limit.
 //! - [`rig`]: broker + firmware-sim + controller + a utility client, for end-to-end tests.
+//! - [`simulate`]: deterministic simulation of whole sites: the controller's pure core against
+//!   firmware-sim's physics on virtual time, with faults from a seed and invariants checked.
 //! - [`site`]: the example site files, loaded.
 //! - [`modbus`]: a tokio-modbus client connected to a simulated device by name.
 //! - [`tools`]: third-party programs (mbpoll, mosquitto) that some tests need: skipped when
@@ -31,6 +33,7 @@ macro_rules! on_both_brokers {
 pub mod broker;
 pub mod plot;
 pub mod rig;
+pub mod simulate;
 
 pub mod site {
     use std::path::PathBuf;
