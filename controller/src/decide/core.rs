@@ -816,6 +816,9 @@ impl Core {
         if out.moved || out.first_sight {
             self.replan_soon(now.mono);
         }
+        if out.reassert {
+            self.orders_dirty = true;
+        }
         let error = if !out.stuck.is_empty() {
             Some(DeviceError::Disagrees { outlets: out.stuck })
         } else if !out.drawing_while_off.is_empty() {

@@ -107,6 +107,9 @@ pub struct ReadOutcome {
     pub drawing_while_off: Vec<u16>,
     /// Switches that took effect (outlets seen in their commanded state for the first time).
     pub confirmed: usize,
+    /// A relay left the state the core wants after it had followed it: the PDU's order was
+    /// withdrawn, and a new one must be issued to put it back.
+    pub reassert: bool,
 }
 
 /// Every outlet of the site, and the orders in flight.
@@ -272,6 +275,7 @@ impl Fleet {
         if external {
             // Re-assert what the core wants with a new order.
             state_of(&mut self.pdus, pdu).order = None;
+            out.reassert = true;
         }
         out
     }
@@ -441,15 +445,20 @@ impl Fleet {
                 self.pdus[p].order = None;
                 continue;
             }
+            let current = self.pdus[p].order.as_ref();
+            // An outlet already reading as the core wants still needs writing if the order in
+            // flight says otherwise (switched on, then off again before that write went out):
+            // the new order supersedes it, or its write would land and stay.
+            let contrary =
+                |id: AsicId, c: bool| current.is_some_and(|i| i.wants.contains(&(id, !c)));
             let wants: Vec<(AsicId, bool)> = self.by_pdu[p]
                 .iter()
                 .filter_map(|&id| {
                     let o = &self.outlets[id.0 as usize];
                     let c = o.commanded?;
-                    (o.seen != Some(c)).then_some((id, c))
+                    (o.seen != Some(c) || contrary(id, c)).then_some((id, c))
                 })
                 .collect();
-            let current = self.pdus[p].order.as_ref();
             let in_flight =
                 |issued: &Issued| issued.acked.is_some() || !now.elapsed(issued.issued, self.grace);
             let issue = if wants.is_empty() {
@@ -655,6 +664,43 @@ mod tests {
         }
         assert!(fleet.state(a, true).unconfirmed);
         assert!(!fleet.state(b, true).unconfirmed);
+    }
+
+    #[test]
+    fn switched_on_then_off_again_before_the_write_went_out_the_newer_order_supersedes_it() {
+        // Found by security.rs (1 run in 3): an ASIC restored, then shed again 200 ms later
+        // while its relay still read off. Nothing was left to write for it, so the restore's
+        // order went out, the relay came on, and stayed on under a shed-all.
+        let site = small();
+        let p1 = pdu(&site, "pdu-1");
+        let mut fleet = Fleet::new(&site, Duration::from_secs(2), vec![None; site.asics.len()]);
+        let mut relays = [true; 8];
+        relays[2] = false;
+        read(&mut fleet, &site, relays, ms(0));
+        let a = fleet.asics_of(p1)[2];
+        fleet.claim_as_seen(a);
+        let yes = |_| true;
+        fleet.command(a, true, ms(10));
+        let on = fleet
+            .orders(&site, ms(10), yes, |_| false)
+            .expect("the restore");
+        assert!(on.get(p1).unwrap().writes[0].states[2]);
+        fleet.command(a, false, ms(200));
+        let off = fleet
+            .orders(&site, ms(200), yes, |_| false)
+            .expect("a newer order, though the relay already reads off");
+        let order = off.get(p1).unwrap();
+        assert!(!order.writes[0].states[2], "{order:?}");
+
+        // And if a stale write lands anyway after the relay followed, the read that sees it
+        // asks for the core's wish to be written again.
+        assert!(fleet.written(p1, order.id, ms(300)));
+        assert!(!read(&mut fleet, &site, relays, ms(400)).reassert);
+        assert!(read(&mut fleet, &site, [true; 8], ms(900)).reassert);
+        let again = fleet
+            .orders(&site, ms(900), yes, |_| false)
+            .expect("re-asserted");
+        assert!(!again.get(p1).unwrap().writes[0].states[2]);
     }
 
     #[test]
