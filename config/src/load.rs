@@ -245,6 +245,9 @@ struct PolicySection {
     poll_interval_ms: u32,
     stale_signal: StaleDecl,
     simple: SimpleDecl,
+    max_events: u32,
+    replay_window_h: f64,
+    max_clock_skew_s: f64,
 }
 
 impl Default for PolicySection {
@@ -259,6 +262,9 @@ impl Default for PolicySection {
             poll_interval_ms: 1000,
             stale_signal: StaleDecl::default(),
             simple: SimpleDecl::default(),
+            max_events: 256,
+            replay_window_h: 168.0,
+            max_clock_skew_s: 300.0,
         }
     }
 }
@@ -1304,7 +1310,27 @@ impl Resolver<'_> {
                 SimpleAction::None | SimpleAction::ShedAll => {}
             }
         }
+        if !(1..=10_000).contains(&raw.max_events) {
+            self.p.push(
+                "policy.max_events",
+                format!("must be 1..=10000 (got {})", raw.max_events),
+            );
+        }
+        let replay_window = if self.range(
+            "policy.replay_window_h",
+            raw.replay_window_h,
+            1.0,
+            90.0 * 24.0,
+        ) {
+            Duration::from_secs_f64(raw.replay_window_h * 3600.0)
+        } else {
+            Duration::ZERO
+        };
+        let max_clock_skew = self.seconds("policy.max_clock_skew_s", raw.max_clock_skew_s, DAY);
         Policy {
+            max_events: raw.max_events as usize,
+            replay_window,
+            max_clock_skew,
             min_off,
             min_on,
             restore_batch_size: raw.restore_batch_size,

@@ -193,6 +193,12 @@ pub struct Policy {
     pub stale_signal: StalePolicy,
     /// What OpenADR SIMPLE levels 1, 2 and 3 mean at this site (level 0 is normal operation).
     pub simple_levels: [SimpleAction; 3],
+    /// Events held at once (in force or to come): a new one beyond is refused.
+    pub max_events: usize,
+    /// How long an ended event's id is refused (replay protection, by time).
+    pub replay_window: Duration,
+    /// How far ahead of the local clock a signal's send time may be.
+    pub max_clock_skew: Duration,
 }
 
 /// The journal: an append-only, fsync'd JSON Lines file of every directive accepted, every

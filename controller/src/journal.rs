@@ -215,6 +215,7 @@ const QUEUE: usize = 16 * 1024;
 pub fn open(
     config: &site_config::Journal,
     site: &str,
+    policy: &site_config::Policy,
     now: Timestamp,
 ) -> Result<(Sender, Writer, Recovered), JournalError> {
     let path = config.path.clone();
@@ -249,7 +250,10 @@ pub fn open(
             .map_err(fail("cut off a torn last line"))?;
     }
     // What the engine resumes and what the new file's checkpoint says must be one state.
-    recovered.state.replay.forget_old(now);
+    recovered
+        .state
+        .replay
+        .forget_old(now, policy.replay_window, policy.max_clock_skew);
     let state = recovered.state.clone();
     let mut files = Files {
         path: path.clone(),
@@ -442,6 +446,15 @@ mod tests {
     use std::collections::BTreeMap;
     use std::time::Duration;
 
+    /// The replay window and clock skew of the example site.
+    fn policy() -> site_config::Policy {
+        site_config::load(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/sites/small.toml"
+        ))
+        .unwrap()
+        .policy
+    }
     fn dir(name: &str) -> PathBuf {
         let d =
             std::env::temp_dir().join(format!("gridshed-journal-{name}-{}", std::process::id()));
@@ -508,7 +521,7 @@ mod tests {
     }
 
     fn write_all(cfg: &site_config::Journal, records: Vec<Record>) {
-        let (tx, writer, _) = open(cfg, "demo", t("09:00")).unwrap();
+        let (tx, writer, _) = open(cfg, "demo", &policy(), t("09:00")).unwrap();
         for r in records {
             tx.record(r);
         }
@@ -519,7 +532,13 @@ mod tests {
     #[test]
     fn what_follows_a_record_runs_only_once_the_record_is_on_disk() {
         let path = dir("then").join("j.jsonl");
-        let (tx, writer, _) = open(&config(path.clone(), 1 << 20), "demo", t("09:00")).unwrap();
+        let (tx, writer, _) = open(
+            &config(path.clone(), 1 << 20),
+            "demo",
+            &policy(),
+            t("09:00"),
+        )
+        .unwrap();
         let (seen_tx, seen) = std::sync::mpsc::channel();
         for k in 0..100 {
             tx.record(accepted(&format!("evt-{k}"), "10:00"));
@@ -553,7 +572,7 @@ mod tests {
                 completed("evt-2", "10:10", End::Released),
             ],
         );
-        let (_, writer, back) = open(&cfg, "demo", t("10:20")).unwrap();
+        let (_, writer, back) = open(&cfg, "demo", &policy(), t("10:20")).unwrap();
         writer.finish();
         assert!(!back.torn);
         assert_eq!(back.skipped, 0);
@@ -594,7 +613,7 @@ mod tests {
         assert!(read_back.state.timeline.contains("evt-1"));
         assert!(!read_back.state.timeline.contains("evt-2"));
 
-        let (tx, writer, back) = open(&cfg, "demo", t("10:02")).unwrap();
+        let (tx, writer, back) = open(&cfg, "demo", &policy(), t("10:02")).unwrap();
         assert!(back.torn);
         tx.record(accepted("evt-3", "10:03"));
         drop(tx);
@@ -627,7 +646,7 @@ mod tests {
     fn rotation_starts_each_file_with_a_checkpoint_and_keeps_the_newest() {
         let path = dir("rotate").join("j.jsonl");
         let cfg = config(path.clone(), 2_000);
-        let (tx, writer, _) = open(&cfg, "demo", t("09:00")).unwrap();
+        let (tx, writer, _) = open(&cfg, "demo", &policy(), t("09:00")).unwrap();
         tx.record(accepted("evt-1", "10:00"));
         for k in 0..200u16 {
             tx.record(Record::Meters {
@@ -711,7 +730,7 @@ mod tests {
         let mut cfg = config(path.clone(), 2_000);
         cfg.keep = 50;
         let rotated_before = files(&path).len();
-        let (tx, writer, _) = open(&cfg, "demo", t("10:02")).unwrap();
+        let (tx, writer, _) = open(&cfg, "demo", &policy(), t("10:02")).unwrap();
         for k in 0..30u16 {
             tx.record(Record::Meters {
                 at: t("10:03"),
@@ -743,7 +762,7 @@ mod tests {
         ))
         .unwrap();
         std::fs::write(&next, cp + "\n").unwrap();
-        let (_, writer, back) = open(&cfg, "demo", t("10:02")).unwrap();
+        let (_, writer, back) = open(&cfg, "demo", &policy(), t("10:02")).unwrap();
         writer.finish();
         assert!(back.state.timeline.contains("evt-1"));
         assert!(path.exists() && !next.exists());

@@ -78,7 +78,8 @@ pub async fn run_with(
     uplink::mqtt::options(&site, 0)?;
     let (journal, writer, resumed) = match &site.journal {
         Some(config) => {
-            let (tx, writer, recovered) = journal::open(config, &site.id, jiff::Timestamp::now())?;
+            let (tx, writer, recovered) =
+                journal::open(config, &site.id, &site.policy, jiff::Timestamp::now())?;
             let events: Vec<&str> = recovered
                 .state
                 .timeline

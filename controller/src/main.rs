@@ -226,11 +226,7 @@ fn guess_format(bytes: &[u8]) -> SignalFormat {
 /// Plans `bytes` against a site with every ASIC on and every GPU rack at its rating.
 fn dry_run(site: &Site, format: SignalFormat, bytes: &[u8]) -> anyhow::Result<String> {
     let now = jiff::Timestamp::now();
-    let cx = signal::Context {
-        max_payload_bytes: site.mqtt.max_payload_bytes,
-        simple_levels: &site.policy.simple_levels,
-        now,
-    };
+    let cx = signal::Context::new(site, now);
     let sig = match signal::parse(format, bytes, &cx) {
         Ok(s) => s,
         Err(r) => bail!("the signal would be rejected: {}", r.reason),

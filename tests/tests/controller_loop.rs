@@ -244,7 +244,7 @@ async fn maestro_target_0_curtails_every_asic_and_100_brings_them_back(kind: Bro
         format!(r#"{{"target":0,"timestamp":{}}}"#, ts + 1),
     )
     .await;
-    rig.ack(resent, "maestro", "accepted", SECOND).await;
+    rig.ack(resent, "maestro", "unchanged", SECOND).await;
     // The core plans as it takes a signal; any write that plan ordered goes out before the
     // PDU's next reads.
     let reads = rig.sim.requests("pdu-1").unwrap();

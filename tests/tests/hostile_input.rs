@@ -134,11 +134,7 @@ async fn thousands_of_mutated_signals_are_each_rejected_and_move_no_relay(kind: 
         return;
     };
     let now = jiff::Timestamp::now();
-    let cx = Context {
-        max_payload_bytes: rig.site.mqtt.max_payload_bytes,
-        simple_levels: &rig.site.policy.simple_levels,
-        now,
-    };
+    let cx = Context::new(&rig.site, now);
     // The hostile set: every malicious signal, then mutants of the seeds until there are
     // SIGNALS in all. A mutant the parser would take (a harmless edit) is not hostile; it is
     // left out, so every signal sent must come back rejected.

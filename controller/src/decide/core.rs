@@ -33,10 +33,11 @@ use tracing::{debug, info, warn};
 use crate::decide::estimate::Estimator;
 use crate::decide::fleet::Fleet;
 use crate::decide::health::{Change, Health};
+use crate::decide::intake::{self, Admitted};
 use crate::decide::mv::{self, Measurement, Sample};
 use crate::decide::openadr::{self, ReportRequest};
 use crate::decide::planner::{Plan, Planner, Snapshot};
-use crate::decide::signal::{self, Action, Directive, Signal};
+use crate::decide::signal::{Action, Directive, Signal};
 use crate::decide::state::{End, Record, State};
 use crate::decide::time::{Mono, Now};
 use crate::decide::timeline::Applied;
@@ -102,7 +103,12 @@ pub struct Ack {
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum AckStatus {
+    /// A new event taken, or a release.
     Accepted,
+    /// New content for an event already held.
+    Updated,
+    /// The very signal already held, sent again: nothing changed, its end included.
+    Unchanged,
     Rejected,
     Active,
     Completed,
@@ -458,19 +464,26 @@ impl Core {
     fn on_signal(&mut self, now: Now, topic_name: &str, payload: &[u8]) {
         let site = self.site.clone();
         let Some(topic) = site.mqtt.signals.iter().find(|s| s.topic == topic_name) else {
-            debug!(topic = %topic_name, "message on a topic the site file does not name; ignored");
+            debug!(topic = ?topic_name, "message on a topic the site file does not name; ignored");
             self.effects.push(Effect::Signal(Outcome::Ignored));
             return;
         };
-        let cx = signal::Context {
-            max_payload_bytes: site.mqtt.max_payload_bytes,
-            simple_levels: &site.policy.simple_levels,
-            now: now.wall,
-        };
-        let sig = match signal::parse(topic.format, payload, &cx) {
-            Ok(sig) => sig,
+        let admitted = intake::admit(
+            &site,
+            &self.state.timeline,
+            &self.state.replay,
+            topic.format,
+            payload,
+            now.wall,
+        );
+        let Admitted {
+            signal: sig,
+            sent_at,
+            kind,
+        } = match admitted {
+            Ok(a) => a,
             Err(rejection) => {
-                warn!(id = ?rejection.id, reason = %rejection.reason, topic = %topic_name, "signal rejected");
+                warn!(id = ?rejection.id, reason = ?rejection.reason, topic = ?topic_name, "signal rejected");
                 self.effects.push(Effect::Signal(Outcome::Rejected));
                 self.ack(
                     now,
@@ -482,14 +495,13 @@ impl Core {
             }
         };
         let id = sig.id().map(str::to_owned);
-        let sent_at = signal::sent_at(topic.format, payload);
-        if let Err(reason) = self.state.replay.check(&sig, sent_at) {
-            warn!(id = ?id, %reason, topic = %topic_name, "signal rejected");
-            self.effects.push(Effect::Signal(Outcome::Rejected));
-            self.ack(now, id, AckStatus::Rejected, Some(reason));
+        self.last_signal = now.mono;
+        if kind == intake::Kind::Unchanged {
+            info!(id = ?id, format = ?topic.format, "signal unchanged: the same as the one held");
+            self.effects.push(Effect::Signal(Outcome::Accepted));
+            self.ack(now, id, AckStatus::Unchanged, None);
             return;
         }
-        self.last_signal = now.mono;
         if std::mem::take(&mut self.stale_acted) && self.state.timeline.contains(STALE_ID) {
             info!("a signal arrived: the stale-signal curtailment ends");
             self.complete(now, STALE_ID, End::Stale);
@@ -502,7 +514,11 @@ impl Core {
         });
         info!(id = ?id, ?applied, format = ?topic.format, "signal accepted");
         self.effects.push(Effect::Signal(Outcome::Accepted));
-        self.ack(now, id, AckStatus::Accepted, None);
+        let status = match kind {
+            intake::Kind::Update => AckStatus::Updated,
+            _ => AckStatus::Accepted,
+        };
+        self.ack(now, id, status, None);
         if let Signal::Event { id, directives } = &sig {
             self.track(now, id, directives);
         }
@@ -554,6 +570,12 @@ impl Core {
         });
         self.effects.push(Effect::Completed(end));
         self.announced.remove(id);
+        // Ids past the replay window go as others end (and at a restart): memory is bounded by
+        // time, not by evicting what may still be replayed.
+        let policy = &self.site.policy;
+        self.state
+            .replay
+            .forget_old(now.wall, policy.replay_window, policy.max_clock_skew);
         let measurement = self.measure(now, id);
         info!(id, ?site_kw, "event completed");
         self.effects.push(Effect::Ack(Ack {
@@ -752,7 +774,7 @@ impl Core {
         match change {
             Change::None => return,
             Change::Faulted(error) => {
-                warn!(device = %name, %error, "device faulted");
+                warn!(device = %name, error = ?error.to_string(), "device faulted");
                 self.record(Record::Fault {
                     at: now.wall,
                     device: name,

@@ -19,6 +19,7 @@ pub mod core;
 pub mod estimate;
 pub mod fleet;
 pub mod health;
+pub mod intake;
 pub mod mv;
 pub mod openadr;
 pub mod planner;

@@ -1,32 +1,34 @@
 //! Replay protection: a signal cannot bring back what has ended.
 //!
 //! An event the utility ended (native `release`, OpenADR `DELETE`) or that ran its course is
-//! remembered for [`REMEMBER`], and a later signal with its id is refused: a captured message
-//! replayed, or an old one re-delivered by a broker, must neither curtail nor lift anything
-//! again. Maestro has no event ids; its messages carry their send time instead, and one older
-//! than the newest taken is refused. Events the controller ended on its own (the stale-signal
-//! policy) are not remembered: the utility may rightly re-assert them when it is heard again.
+//! remembered for the site's replay window (`policy.replay_window_h`, a week by default), and a
+//! later signal with its id is refused: a captured message replayed, or an old one re-delivered
+//! by a broker, must neither curtail nor lift anything again. Maestro has no event ids; its
+//! messages carry their send time instead, and one older than the newest taken is refused.
+//! Events the controller ended on its own (the stale-signal policy) are not remembered: the
+//! utility may rightly re-assert them when it is heard again.
+//!
+//! Protection is by time, never by volume: an id is forgotten only when its window has passed.
+//! Memory stays bounded because new events are refused while [`CAPACITY`] ended ids are
+//! within the window (a utility sends a few events a day; ten thousand in a week is an attack
+//! or a fault, and refusing is the safe side of it).
 //!
 //! ```text
 //!   evt-42 accepted        released at 10:30            replayed at 11:00
 //!   |======== in force =======|                            x refused: "ended at 10:30"
-//!                             |<------------- REMEMBER (38 days) ------------->|
+//!                             |<----------- replay window (a week) ----------->|
 //! ```
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 
-use crate::decide::signal::{MAESTRO_ID, MAX_DURATION, MAX_LEAD, Signal};
+use crate::decide::signal::{MAESTRO_ID, Signal};
 
-/// How long an ended event's id is refused: the longest a signal can stay in force (it may
-/// start [`MAX_LEAD`] ahead and last [`MAX_DURATION`]), so that every replay of it is covered.
-pub const REMEMBER: SignedDuration =
-    SignedDuration::from_secs(MAX_LEAD.as_secs() + MAX_DURATION.as_secs());
-
-/// Ended ids kept at most: the oldest are forgotten first.
-const MAX_REMEMBERED: usize = 10_000;
+/// Ended ids remembered at most: beyond, new events are refused until old ids age out.
+pub const CAPACITY: usize = 10_000;
 
 /// What has ended, for refusing replays.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -64,28 +66,40 @@ impl Replay {
         }
     }
 
-    /// Event `id` ended at `at`, by the utility's word or its own end.
+    /// Event `id` ended at `at`, by the utility's word or its own end. Never forgets another
+    /// to make room: the events held when [`CAPACITY`] is reached still end, and are remembered.
     pub fn ended(&mut self, id: &str, at: Timestamp) {
         // Maestro re-uses one id for every curtailment; its ordering is by send time.
         if id == MAESTRO_ID {
             return;
         }
         self.ended.insert(id.to_owned(), at);
-        if self.ended.len() > MAX_REMEMBERED
-            && let Some(oldest) = self
-                .ended
-                .iter()
-                .min_by_key(|(_, t)| **t)
-                .map(|(id, _)| id.clone())
-        {
-            self.ended.remove(&oldest);
-        }
     }
 
-    /// Forgets ids that ended longer than [`REMEMBER`] before `now`.
-    pub fn forget_old(&mut self, now: Timestamp) {
-        self.ended
-            .retain(|_, at| now.duration_since(*at) <= REMEMBER);
+    /// Why a new event cannot be taken now, if so: too many ended ids within the window.
+    pub fn full(&self, window: Duration) -> Option<String> {
+        (self.ended.len() >= CAPACITY).then(|| {
+            format!(
+                "{} events ended within the replay window ({:.0} h, policy.replay_window_h): new events are refused until the oldest age out",
+                self.ended.len(),
+                window.as_secs_f64() / 3600.0
+            )
+        })
+    }
+
+    /// Forgets ids that ended longer than `window` before `now`, and a maestro send time
+    /// further than `max_skew` ahead of `now` (one taken before that bound existed would
+    /// otherwise lock maestro out until the clock caught up).
+    pub fn forget_old(&mut self, now: Timestamp, window: Duration, max_skew: Duration) {
+        let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
+        self.ended.retain(|_, at| now.duration_since(*at) <= window);
+        let skew = SignedDuration::try_from(max_skew).unwrap_or(SignedDuration::MAX);
+        if self
+            .maestro_sent
+            .is_some_and(|sent| sent.duration_since(now) > skew)
+        {
+            self.maestro_sent = None;
+        }
     }
 }
 
@@ -147,22 +161,55 @@ mod tests {
     }
 
     #[test]
-    fn ended_ids_are_forgotten_after_the_replay_window_and_beyond_the_cap() {
+    fn ended_ids_are_forgotten_by_time_only_and_a_full_memory_refuses_new_events() {
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let skew = Duration::from_secs(300);
         let mut r = Replay::default();
         r.ended("old", t("10:00"));
         r.ended("new", t("11:00"));
-        r.forget_old(t("10:00") + REMEMBER + SignedDuration::from_secs(1));
+        r.forget_old(
+            t("10:00") + SignedDuration::from_hours(7 * 24 + 1),
+            week,
+            skew,
+        );
         assert_eq!(r.check(&event("old"), None), Ok(()));
         assert!(r.check(&event("new"), None).is_err());
 
+        // Issue 13: after 10,198 ended events a replay of an old id was accepted. Volume no
+        // longer evicts: the first id is still refused, and new events wait for room.
         let mut r = Replay::default();
-        for k in 0..=MAX_REMEMBERED {
+        for k in 0..CAPACITY + 200 {
             r.ended(
                 &format!("e{k}"),
                 t("10:00") + SignedDuration::from_secs(k as i64),
             );
         }
-        assert_eq!(r.ended.len(), MAX_REMEMBERED);
-        assert_eq!(r.check(&event("e0"), None), Ok(()), "the oldest went first");
+        assert!(
+            r.check(&event("e0"), None).is_err(),
+            "the oldest is remembered"
+        );
+        let why = r.full(week).expect("full");
+        assert!(why.contains("replay window (168 h"), "{why}");
+        r.forget_old(
+            t("10:00") + SignedDuration::from_hours(7 * 24 + 4),
+            week,
+            skew,
+        );
+        assert_eq!(r.full(week), None, "room again once the window has passed");
+    }
+
+    #[test]
+    fn a_maestro_send_time_far_ahead_of_the_clock_is_forgotten() {
+        // Issue 13: one message stamped now + 23 h locked maestro out for a day, restarts too.
+        let mut r = Replay::default();
+        r.taken(Some(t("10:00") + SignedDuration::from_hours(23)));
+        let curtail = event(MAESTRO_ID);
+        assert!(r.check(&curtail, Some(t("10:01"))).is_err());
+        r.forget_old(
+            t("10:00"),
+            Duration::from_secs(3600),
+            Duration::from_secs(300),
+        );
+        assert_eq!(r.check(&curtail, Some(t("10:01"))), Ok(()));
     }
 }

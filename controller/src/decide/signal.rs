@@ -87,15 +87,31 @@ pub const MAX_KW: f64 = 1_000_000.0;
 pub const MAX_LEAD: SignedDuration = SignedDuration::from_hours(7 * 24);
 /// How long a bounded directive may last (longer ones should be open-ended and released).
 pub const MAX_DURATION: SignedDuration = SignedDuration::from_hours(31 * 24);
-/// How far a maestro timestamp may be from local time.
-pub const MAESTRO_SKEW: SignedDuration = SignedDuration::from_hours(24);
+/// How far behind local time a maestro timestamp may be (ahead, the site's
+/// `policy.max_clock_skew_s` bounds it).
+pub const MAESTRO_AGE: SignedDuration = SignedDuration::from_hours(24);
 
 /// What parsing needs to know about the site.
 #[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
     pub max_payload_bytes: usize,
     pub simple_levels: &'a [SimpleAction; 3],
+    /// How far ahead of local time a send time may be.
+    pub max_skew: SignedDuration,
     pub now: Timestamp,
+}
+
+impl<'a> Context<'a> {
+    /// Parsing for `site` at `now`.
+    pub fn new(site: &'a site_config::Site, now: Timestamp) -> Context<'a> {
+        Context {
+            max_payload_bytes: site.mqtt.max_payload_bytes,
+            simple_levels: &site.policy.simple_levels,
+            max_skew: SignedDuration::try_from(site.policy.max_clock_skew)
+                .unwrap_or(SignedDuration::MAX),
+            now,
+        }
+    }
 }
 
 /// Parses one signal payload received in `format`.
@@ -285,10 +301,18 @@ fn maestro(payload: &[u8], cx: &Context<'_>) -> Result<Signal, String> {
     }
     let at = Timestamp::from_second(m.timestamp.trunc() as i64)
         .map_err(|_| format!("timestamp {} is out of range", m.timestamp))?;
-    let skew = at.duration_since(cx.now).abs();
-    if skew > MAESTRO_SKEW {
+    let ahead = at.duration_since(cx.now);
+    if ahead > cx.max_skew {
         return Err(format!(
-            "timestamp {at} is more than 24 h from local time {}",
+            "timestamp {at} is {:.0} s ahead of local time {}: at most {:.0} s is allowed (policy.max_clock_skew_s)",
+            ahead.as_secs_f64(),
+            cx.now,
+            cx.max_skew.as_secs_f64()
+        ));
+    }
+    if -ahead > MAESTRO_AGE {
+        return Err(format!(
+            "timestamp {at} is more than 24 h behind local time {}",
             cx.now
         ));
     }

@@ -89,6 +89,20 @@ impl Timeline {
             .map(|(id, d)| (id.as_str(), d.as_slice()))
     }
 
+    /// The directives of event `id`, if it is held.
+    pub fn get(&self, id: &str) -> Option<&[Directive]> {
+        self.events.get(id).map(Vec::as_slice)
+    }
+
+    /// Events held (in force or to come).
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
     pub fn contains(&self, id: &str) -> bool {
         self.events.contains_key(id)
     }

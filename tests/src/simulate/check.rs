@@ -8,8 +8,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use controller::decide::intake;
 use controller::decide::replay::Replay;
-use controller::decide::signal::{self, Signal};
+use controller::decide::signal::Signal;
 use controller::decide::timeline::{InForce, Timeline};
 use jiff::Timestamp;
 use site_config::{SignalFormat, Site};
@@ -44,14 +45,12 @@ impl Ledger {
         now: Timestamp,
     ) -> Option<Signal> {
         self.expire(now);
-        let cx = signal::Context {
-            max_payload_bytes: site.mqtt.max_payload_bytes,
-            simple_levels: &site.policy.simple_levels,
-            now,
-        };
-        let sig = signal::parse(format, payload, &cx).ok()?;
-        let sent_at = signal::sent_at(format, payload);
-        self.replay.check(&sig, sent_at).ok()?;
+        let admitted =
+            intake::admit(site, &self.timeline, &self.replay, format, payload, now).ok()?;
+        let (sig, sent_at) = (admitted.signal, admitted.sent_at);
+        if admitted.kind == intake::Kind::Unchanged {
+            return Some(sig);
+        }
         self.replay.taken(sent_at);
         if let Signal::Event { id, .. } = &sig {
             self.events.insert(id.clone());

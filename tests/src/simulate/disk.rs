@@ -116,11 +116,13 @@ impl Disk {
 
     /// A restart at `now`: reads the file as `journal::open` does (a torn line is cut off), and
     /// begins the new run with a checkpoint of what it found.
-    pub fn reopen(&mut self, now: Timestamp) -> Recovered {
+    pub fn reopen(&mut self, now: Timestamp, policy: &site_config::Policy) -> Recovered {
         let (mut rec, _) = journal::recover(std::io::Cursor::new(self.bytes()), "simulated")
             .expect("reading memory cannot fail");
         self.torn = None;
-        rec.state.replay.forget_old(now);
+        rec.state
+            .replay
+            .forget_old(now, policy.replay_window, policy.max_clock_skew);
         self.state = rec.state.clone();
         let mut cp = Vec::new();
         journal::line(&mut cp, &journal::checkpoint(&self.site, now, &rec.state));

@@ -432,7 +432,7 @@ impl World {
         let now = self.now();
         self.ledger.expire(now.wall);
         // Everything acknowledged as accepted and not completed must come back.
-        let rec = self.disk.reopen(now.wall);
+        let rec = self.disk.reopen(now.wall, &self.site.policy);
         for id in &self.acks.accepted {
             if !self.acks.completed.contains(id)
                 && self.ledger.timeline().contains(id)
@@ -576,10 +576,13 @@ impl World {
         };
         match a.status {
             // A release is taken too; what must reach a completion is an event.
-            AckStatus::Accepted if self.ledger.events.contains(&id) => {
+            // An update or a re-send says the event is held, as its first ack did.
+            AckStatus::Accepted | AckStatus::Updated | AckStatus::Unchanged
+                if self.ledger.events.contains(&id) =>
+            {
                 self.acks.accepted.insert(id);
             }
-            AckStatus::Accepted => {}
+            AckStatus::Accepted | AckStatus::Updated | AckStatus::Unchanged => {}
             AckStatus::Completed => {
                 self.acks.completed.insert(id);
             }
@@ -1330,8 +1333,14 @@ impl World {
         let Some(core) = &self.core else {
             return Ok(());
         };
-        let back = self.disk.replay();
-        let state = core.state();
+        // Up to what time forgets: ended ids past the replay window go at a restart, and at
+        // the core's next completion.
+        let mut back = self.disk.replay();
+        let mut state = core.state().clone();
+        let (now, policy) = (self.now().wall, &self.site.policy);
+        for replay in [&mut back.state.replay, &mut state.replay] {
+            replay.forget_old(now, policy.replay_window, policy.max_clock_skew);
+        }
         if back.state.timeline != state.timeline || back.state.replay != state.replay {
             return Err(check::broken(
                 "journal replay gives back the same state",

@@ -534,3 +534,121 @@ fn a_steady_site_meter_is_not_frozen_when_a_pdu_answers_again() {
     assert_eq!(faulted, Vec::<&str>::new());
     assert_eq!(status.restore_held, None, "{status:?}");
 }
+
+#[test]
+fn an_identical_re_send_changes_nothing_and_a_changed_one_is_an_update() {
+    // Issue 13: `{"id":"rs-1","kind":"shed","kw":10,"duration_s":20}` sent again 12 s later
+    // moved the event's end, so it ran 32 s.
+    let site = small();
+    let mut core = Core::new(site.clone(), State::default(), Vec::new(), t0());
+    let rs = r#"{"id":"rs-1","kind":"shed","kw":10,"duration_s":20}"#;
+    // What each signal was acknowledged as (not the `active` of an event that began).
+    let taken = |effects: &[Effect]| -> Vec<(Option<String>, AckStatus)> {
+        acks(effects)
+            .into_iter()
+            .filter(|(_, s)| *s != AckStatus::Active)
+            .collect()
+    };
+    signal(&mut core, at(0.0), rs);
+    let effects = core.take_effects();
+    assert_eq!(
+        taken(&effects),
+        vec![(Some("rs-1".into()), AckStatus::Accepted)]
+    );
+    let end = |core: &Core| core.state().timeline.get("rs-1").unwrap()[0].end;
+    let first_end = end(&core);
+    assert_eq!(first_end, Some(at(20.0).wall));
+
+    signal(&mut core, at(12.0), rs);
+    let effects = core.take_effects();
+    assert_eq!(
+        taken(&effects),
+        vec![(Some("rs-1".into()), AckStatus::Unchanged)]
+    );
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::Record(_))),
+        "nothing journaled: {effects:?}"
+    );
+    assert_eq!(end(&core), first_end, "the end did not move");
+
+    // Changed content: an update, acknowledged as one, reckoned from its own arrival.
+    signal(
+        &mut core,
+        at(13.0),
+        r#"{"id":"rs-1","kind":"shed","kw":15,"duration_s":20}"#,
+    );
+    let effects = core.take_effects();
+    assert_eq!(
+        taken(&effects),
+        vec![(Some("rs-1".into()), AckStatus::Updated)]
+    );
+    assert_eq!(end(&core), Some(at(33.0).wall));
+
+    // An explicit window sent twice is the same event, whenever the copy arrives.
+    let fixed =
+        r#"{"id":"fx","kind":"shed","kw":5,"start":"2026-11-22T11:00:00Z","duration_s":3600}"#;
+    signal(&mut core, at(14.0), fixed);
+    signal(&mut core, at(30.0), fixed);
+    let effects = core.take_effects();
+    assert_eq!(
+        taken(&effects),
+        vec![
+            (Some("fx".into()), AckStatus::Accepted),
+            (Some("fx".into()), AckStatus::Unchanged)
+        ]
+    );
+    // A stale-signal clock is a heartbeat's business: the re-send still counts as heard.
+    assert_eq!(core.last_signal, at(30.0).mono);
+}
+
+#[test]
+fn strings_from_the_network_are_logged_quoted_and_cannot_forge_a_line() {
+    // Issue 13: an `id` or `kind` holding a newline wrote a well-formed fake log line.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let forged = "\n2026-11-22T10:00:00Z  INFO controller: FORGED event completed";
+    tracing::subscriber::with_default(subscriber, || {
+        let site = small();
+        let mut core = Core::new(site.clone(), State::default(), Vec::new(), t0());
+        let evil = serde_json::to_string(forged).unwrap();
+        // In a kind (its parse error quotes it), an id, a release id, and a topic.
+        for payload in [
+            format!(r#"{{"id":"x","kind":{evil}}}"#),
+            format!(r#"{{"id":{evil},"kind":"shed","kw":1}}"#),
+            format!(r#"{{"kind":"release","id":{evil}}}"#),
+        ] {
+            signal(&mut core, at(1.0), &payload);
+        }
+        core.input(
+            at(2.0),
+            Input::Signal {
+                topic: format!("sites/demo/signals{forged}"),
+                payload: b"{}".to_vec(),
+            },
+        );
+    });
+    let log = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    assert!(log.contains("FORGED"), "the strings were logged: {log}");
+    for line in log.lines() {
+        assert!(
+            !line.starts_with("2026-11-22T10:00:00Z  INFO controller: FORGED"),
+            "a forged line: {line}\n{log}"
+        );
+    }
+}

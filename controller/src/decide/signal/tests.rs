@@ -14,6 +14,7 @@ fn cx() -> Context<'static> {
     Context {
         max_payload_bytes: 16 * 1024,
         simple_levels: &LEVELS,
+        max_skew: SignedDuration::from_mins(5),
         now: now(),
     }
 }
@@ -227,9 +228,29 @@ fn maestro_rejects_stale_timestamps_and_odd_targets() {
     assert!(r.reason.contains("target must be"), "{}", r.reason);
     let r = rejected(SignalFormat::Maestro, r#"{"target":0,"timestamp":1e300}"#);
     assert!(
-        r.reason.contains("out of range") || r.reason.contains("24 h"),
+        r.reason.contains("out of range") || r.reason.contains("ahead"),
         "{}",
         r.reason
+    );
+}
+
+#[test]
+fn maestro_rejects_a_timestamp_further_ahead_than_the_site_allows() {
+    // Issue 13: `{"target":100,"timestamp":now+23h}` was taken, and locked maestro out.
+    let ahead = now().as_second() + 23 * 3600;
+    let r = rejected(
+        SignalFormat::Maestro,
+        &format!(r#"{{"target":100,"timestamp":{ahead}}}"#),
+    );
+    assert!(
+        r.reason.contains("82800 s ahead") && r.reason.contains("policy.max_clock_skew_s"),
+        "{}",
+        r.reason
+    );
+    let within = now().as_second() + 299;
+    ok(
+        SignalFormat::Maestro,
+        &format!(r#"{{"target":100,"timestamp":{within}}}"#),
     );
 }
 
