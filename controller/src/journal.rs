@@ -253,7 +253,7 @@ pub fn open(
     recovered
         .state
         .replay
-        .forget_old(now, policy.replay_window, policy.max_clock_skew);
+        .settle(now, policy.replay_window, policy.max_clock_skew);
     let state = recovered.state.clone();
     let mut files = Files {
         path: path.clone(),

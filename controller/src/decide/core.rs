@@ -573,9 +573,7 @@ impl Core {
         // Ids past the replay window go as others end (and at a restart): memory is bounded by
         // time, not by evicting what may still be replayed.
         let policy = &self.site.policy;
-        self.state
-            .replay
-            .forget_old(now.wall, policy.replay_window, policy.max_clock_skew);
+        self.state.replay.forget_old(now.wall, policy.replay_window);
         let measurement = self.measure(now, id);
         info!(id, ?site_kw, "event completed");
         self.effects.push(Effect::Ack(Ack {

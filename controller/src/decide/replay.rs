@@ -87,12 +87,17 @@ impl Replay {
         })
     }
 
-    /// Forgets ids that ended longer than `window` before `now`, and a maestro send time
-    /// further than `max_skew` ahead of `now` (one taken before that bound existed would
-    /// otherwise lock maestro out until the clock caught up).
-    pub fn forget_old(&mut self, now: Timestamp, window: Duration, max_skew: Duration) {
+    /// Forgets ids that ended longer than `window` before `now`.
+    pub fn forget_old(&mut self, now: Timestamp, window: Duration) {
         let window = SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX);
         self.ended.retain(|_, at| now.duration_since(*at) <= window);
+    }
+
+    /// At start-up: [`Replay::forget_old`], and a maestro send time further than `max_skew`
+    /// ahead of `now` is forgotten (one taken before that bound existed would otherwise lock
+    /// maestro out until the clock caught up, across restarts).
+    pub fn settle(&mut self, now: Timestamp, window: Duration, max_skew: Duration) {
+        self.forget_old(now, window);
         let skew = SignedDuration::try_from(max_skew).unwrap_or(SignedDuration::MAX);
         if self
             .maestro_sent
@@ -163,15 +168,10 @@ mod tests {
     #[test]
     fn ended_ids_are_forgotten_by_time_only_and_a_full_memory_refuses_new_events() {
         let week = Duration::from_secs(7 * 24 * 3600);
-        let skew = Duration::from_secs(300);
         let mut r = Replay::default();
         r.ended("old", t("10:00"));
         r.ended("new", t("11:00"));
-        r.forget_old(
-            t("10:00") + SignedDuration::from_hours(7 * 24 + 1),
-            week,
-            skew,
-        );
+        r.forget_old(t("10:00") + SignedDuration::from_hours(7 * 24 + 1), week);
         assert_eq!(r.check(&event("old"), None), Ok(()));
         assert!(r.check(&event("new"), None).is_err());
 
@@ -190,11 +190,7 @@ mod tests {
         );
         let why = r.full(week).expect("full");
         assert!(why.contains("replay window (168 h"), "{why}");
-        r.forget_old(
-            t("10:00") + SignedDuration::from_hours(7 * 24 + 4),
-            week,
-            skew,
-        );
+        r.forget_old(t("10:00") + SignedDuration::from_hours(7 * 24 + 4), week);
         assert_eq!(r.full(week), None, "room again once the window has passed");
     }
 
@@ -205,7 +201,7 @@ mod tests {
         r.taken(Some(t("10:00") + SignedDuration::from_hours(23)));
         let curtail = event(MAESTRO_ID);
         assert!(r.check(&curtail, Some(t("10:01"))).is_err());
-        r.forget_old(
+        r.settle(
             t("10:00"),
             Duration::from_secs(3600),
             Duration::from_secs(300),

@@ -122,7 +122,7 @@ impl Disk {
         self.torn = None;
         rec.state
             .replay
-            .forget_old(now, policy.replay_window, policy.max_clock_skew);
+            .settle(now, policy.replay_window, policy.max_clock_skew);
         self.state = rec.state.clone();
         let mut cp = Vec::new();
         journal::line(&mut cp, &journal::checkpoint(&self.site, now, &rec.state));

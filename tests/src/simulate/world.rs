@@ -1339,13 +1339,13 @@ impl World {
         let mut state = core.state().clone();
         let (now, policy) = (self.now().wall, &self.site.policy);
         for replay in [&mut back.state.replay, &mut state.replay] {
-            replay.forget_old(now, policy.replay_window, policy.max_clock_skew);
+            replay.forget_old(now, policy.replay_window);
         }
         if back.state.timeline != state.timeline || back.state.replay != state.replay {
             return Err(check::broken(
                 "journal replay gives back the same state",
                 format!(
-                    "journal: {:?} / {} records, {} skipped\ncore: {:?}",
+                    "journal: {:?} / {} records, {} skipped\ncore: {:?}\nreplay, journal: {:?}\nreplay, core: {:?}",
                     back.state
                         .timeline
                         .events()
@@ -1357,7 +1357,9 @@ impl World {
                         .timeline
                         .events()
                         .map(|(id, _)| id)
-                        .collect::<Vec<_>>()
+                        .collect::<Vec<_>>(),
+                    back.state.replay,
+                    state.replay,
                 ),
             ));
         }
