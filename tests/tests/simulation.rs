@@ -42,6 +42,11 @@ const REGRESSIONS: &[(u64, f64, &str)] = &[
         "the checker blamed the controller for a load step it could not see (site meter down)",
     ),
     (
+        0x2e2a_c13e_f8f2_eaa0,
+        10.0,
+        "a maestro send time forgotten at runtime after a backward clock jump parted the core from its journal",
+    ),
+    (
         0x8bc9_953a_2ba0_0cb0,
         10.0,
         "a steady site meter was taken for frozen when a PDU silent since a restart answered",
