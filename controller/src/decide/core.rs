@@ -238,6 +238,9 @@ pub struct Core {
     last_switch: Option<Mono>,
     generation: u64,
     pending: Option<Pending>,
+    /// Until then, site readings are not sampled for the rest of the site: the outlets of the
+    /// last switch have been read in their new state, but the site meter may not show it yet.
+    settling_until: Option<Mono>,
 
     /// Events announced as active.
     announced: BTreeSet<String>,
@@ -309,6 +312,7 @@ impl Core {
             last_switch: None,
             generation: 0,
             pending: None,
+            settling_until: None,
             announced: BTreeSet::new(),
             last_signal: now.mono,
             stale_acted: false,
@@ -927,6 +931,14 @@ impl Core {
     /// taken. Outlet readings are older than it; what is subtracted for ASICs on their way on
     /// (their rating) makes that skew err low, which the peak over the window ignores.
     fn sample_rest(&mut self, now: Mono, asic_kw: f64) {
+        // Not while relays move: an outlet read off before the site meter shows its drop makes
+        // the rest of the site look larger by its power (and the reverse when switched on), and
+        // the peak over the window would keep that spike: a second shed of ASICs that need not
+        // go, and restores held for minutes (shed-bench on large.toml: a second shed of 368
+        // ASICs 150 ms after the first).
+        if self.pending.is_some() || self.settling_until.is_some_and(|t| now < t) {
+            return;
+        }
         let Some(site_kw) = self.site_kw() else {
             return;
         };
@@ -1254,6 +1266,7 @@ impl Core {
             return;
         }
         self.pending = None;
+        self.settling_until = Some(now.mono + self.site.policy.poll_interval);
     }
 
     /// Journals the meters (and what is in force) at the journal's pace.
