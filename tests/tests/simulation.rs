@@ -47,6 +47,11 @@ const REGRESSIONS: &[(u64, f64, &str)] = &[
         "a maestro send time forgotten at runtime after a backward clock jump parted the core from its journal",
     ),
     (
+        0x7156_09f7_c747_857f,
+        3.6363636363636362,
+        "the checker wanted the other outlets of a PDU with a stuck relay shed, which the controller rightly leaves alone during its backoff",
+    ),
+    (
         0x8bc9_953a_2ba0_0cb0,
         10.0,
         "a steady site meter was taken for frozen when a PDU silent since a restart answered",

@@ -207,6 +207,8 @@ struct Pending {
     at: Mono,
     deadline: Mono,
     asics: Vec<AsicId>,
+    /// It (or a plan still pending before it) switched ASICs off.
+    offs: bool,
 }
 
 /// The control core. See the module documentation.
@@ -931,12 +933,15 @@ impl Core {
     /// taken. Outlet readings are older than it; what is subtracted for ASICs on their way on
     /// (their rating) makes that skew err low, which the peak over the window ignores.
     fn sample_rest(&mut self, now: Mono, asic_kw: f64) {
-        // Not while relays move: an outlet read off before the site meter shows its drop makes
-        // the rest of the site look larger by its power (and the reverse when switched on), and
-        // the peak over the window would keep that spike: a second shed of ASICs that need not
-        // go, and restores held for minutes (shed-bench on large.toml: a second shed of 368
-        // ASICs 150 ms after the first).
-        if self.pending.is_some() || self.settling_until.is_some_and(|t| now < t) {
+        // Not while ASICs go off: an outlet read off before the site meter shows its drop
+        // makes the rest of the site look larger by its power, and the peak over the window
+        // would keep that spike: a second shed of ASICs that need not go, and restores held for
+        // minutes (shed-bench on large.toml: a second shed of 368 ASICs 150 ms after the
+        // first). While ASICs come on the skew errs low (see `Fleet::estimate_w`), which a
+        // peak ignores, so sampling goes on and the window keeps seeing the crests.
+        if self.pending.as_ref().is_some_and(|p| p.offs)
+            || self.settling_until.is_some_and(|t| now < t)
+        {
             return;
         }
         let Some(site_kw) = self.site_kw() else {
@@ -1190,11 +1195,14 @@ impl Core {
                 off,
                 on,
             });
+            let offs =
+                changes.iter().any(|(_, on)| !on) || self.pending.as_ref().is_some_and(|p| p.offs);
             self.pending = Some(Pending {
                 generation: self.generation,
                 at: now.mono,
                 deadline: now.mono + self.grace + self.max_timeout(),
                 asics: changes.iter().map(|(id, _)| *id).collect(),
+                offs,
             });
         }
         if plan.held.is_some() {
@@ -1265,8 +1273,9 @@ impl Core {
         } else {
             return;
         }
-        self.pending = None;
-        self.settling_until = Some(now.mono + self.site.policy.poll_interval);
+        if self.pending.take().is_some_and(|p| p.offs) {
+            self.settling_until = Some(now.mono + self.site.policy.poll_interval);
+        }
     }
 
     /// Journals the meters (and what is in force) at the journal's pace.

@@ -1323,7 +1323,9 @@ impl World {
                     && self.t >= self.backing_off[d]
                     && f.exception.is_none()
                     && f.write_exception.is_none()
-                    && !f.stuck_outlets.contains(&a.outlet)
+                    // A PDU whose relays disagreed is not trusted (not switched) as a whole
+                    // until its backoff is over (README, "Failure behaviour").
+                    && f.stuck_outlets.is_empty()
                     && !young
             })
             .collect()
