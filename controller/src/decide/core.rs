@@ -502,15 +502,16 @@ impl Core {
         };
         let id = sig.id().map(str::to_owned);
         self.last_signal = now.mono;
+        // Any signal taken ends the stale-signal curtailment, a heartbeat re-send included.
+        if std::mem::take(&mut self.stale_acted) && self.state.timeline.contains(STALE_ID) {
+            info!("a signal arrived: the stale-signal curtailment ends");
+            self.complete(now, STALE_ID, End::Stale);
+        }
         if kind == intake::Kind::Unchanged {
             info!(id = ?id, format = ?topic.format, "signal unchanged: the same as the one held");
             self.effects.push(Effect::Signal(Outcome::Accepted));
             self.ack(now, id, AckStatus::Unchanged, None);
             return;
-        }
-        if std::mem::take(&mut self.stale_acted) && self.state.timeline.contains(STALE_ID) {
-            info!("a signal arrived: the stale-signal curtailment ends");
-            self.complete(now, STALE_ID, End::Stale);
         }
         let applied = self.commit(Record::Accepted {
             at: now.wall,
